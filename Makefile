@@ -1,0 +1,40 @@
+# Set-up commands: `make run` (embedded default, no servers) and `make test` (whole suite, real servers).
+SHELL := /bin/bash
+PYTHON_BIN ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test test-unit stack-up stack-down stack-status bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON_BIN) >/dev/null || { echo "need $(PYTHON_BIN) on PATH" >&2; exit 1; }
+	@test -x $(PY) || $(PYTHON_BIN) -m venv $(VENV)
+	@$(VENV)/bin/pip install -q --disable-pip-version-check uv
+	@$(VENV)/bin/uv pip install -q --python $(PY) -e '.[test]'
+	@touch $(STAMP)
+
+run: install
+	$(PY) -m bytewax.run dataflows.main
+
+# Starts the servers, runs every test, stops the servers; the exit code is pytest's.
+test: install
+	@bash stack/stack.sh up
+	@status=0; $(PY) -m pytest $(PYTEST_ARGS) || status=$$?; bash stack/stack.sh down; exit $$status
+
+test-unit: install
+	$(PY) -m pytest -m "not servers" $(PYTEST_ARGS)
+
+stack-up:
+	@bash stack/stack.sh up
+
+stack-down:
+	@bash stack/stack.sh down
+
+stack-status:
+	@bash stack/stack.sh status
+
+clean:
+	rm -rf out .pytest_cache

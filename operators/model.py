@@ -1,0 +1,131 @@
+"""Shapes that flow between the operators.
+
+The dataflow moves *batches*, not single events: a source partition hands over one `RawBatch` per
+poll and every operator after it works on whole columns (polars) so the per-event Python cost stays
+small. Only the DLQ travels as a list of dicts (it is rare and irregular by nature).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+
+import polars as pl
+
+
+class DlqReason(StrEnum):
+    """The fixed vocabulary of why a record was rejected."""
+
+    MALFORMED_JSON = "malformed_json"
+    NOT_AN_OBJECT = "not_an_object"
+    MISSING_SCHEMA_URN = "missing_schema_urn"
+    UNKNOWN_SCHEMA = "unknown_schema"
+    UNSUPPORTED_VERSION = "unsupported_version"
+    MISSING_FIELD = "missing_field"
+    BAD_TIMESTAMP = "bad_timestamp"
+    BAD_TYPE = "bad_type"
+    TOO_LARGE = "too_large"
+    ENRICHMENT_FAILED = "enrichment_failed"
+    SINK_FAILED = "sink_failed"
+
+
+@dataclass(slots=True)
+class RawRecord:
+    """One record exactly as read, plus where it came from."""
+
+    value: bytes
+    source: str  # "path:line" or "topic/partition/offset"
+    ingested_at: float  # epoch seconds at which the pipeline read it
+
+
+@dataclass(slots=True)
+class RawBatch:
+    """What one source partition hands over per poll."""
+
+    partition: str
+    records: list[RawRecord]
+
+
+@dataclass(slots=True)
+class EventBatch:
+    """Valid events of one source partition as columns (see `EVENT_SCHEMA` / `ENRICHED_SCHEMA`),
+    together with the records rejected on the way."""
+
+    partition: str
+    events: pl.DataFrame
+    dlq: list[dict] = field(default_factory=list)
+
+
+# Columns of a validated event. `timestamp` is the event time; `properties` is the original object
+# serialized as JSON text; `error_*` flatten the optional `error` object.
+EVENT_SCHEMA: dict[str, pl.DataType] = {
+    "event_id": pl.String(),
+    "schema_urn": pl.String(),
+    "version": pl.Int32(),
+    "type": pl.String(),
+    "tenant": pl.String(),
+    "timestamp": pl.Datetime("ms", "UTC"),
+    "user_id": pl.String(),
+    "session_id": pl.String(),
+    "ip": pl.String(),
+    "user_agent": pl.String(),
+    "url": pl.String(),
+    "properties": pl.String(),
+    "error_message": pl.String(),
+    "error_stack": pl.String(),
+    "correlation_id": pl.String(),
+    "ingested_at": pl.Datetime("ms", "UTC"),
+    "source": pl.String(),
+}
+
+# Columns that enrichment adds.
+ENRICHMENT_SCHEMA: dict[str, pl.DataType] = {
+    "geo_country": pl.String(),
+    "geo_region": pl.String(),
+    "geo_city": pl.String(),
+    "geo_lat": pl.Float64(),
+    "geo_lon": pl.Float64(),
+    "ua_browser": pl.String(),
+    "ua_browser_major": pl.String(),
+    "ua_os": pl.String(),
+    "ua_os_major": pl.String(),
+    "ua_device_family": pl.String(),
+    "ua_device_type": pl.String(),
+    "processed_at": pl.Datetime("ms", "UTC"),
+}
+
+ENRICHED_SCHEMA: dict[str, pl.DataType] = {**EVENT_SCHEMA, **ENRICHMENT_SCHEMA}
+
+_CORRELATION_NAMESPACE = uuid.UUID("6f1c3b52-2a4e-4d0e-9a57-0d3c1f1b8e21")
+
+
+def derive_correlation_id(seed: str) -> str:
+    """A stable correlation id for an event that carries none (same seed → same id)."""
+    return str(uuid.uuid5(_CORRELATION_NAMESPACE, seed))
+
+
+def utc_now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def dlq_record(
+    *,
+    reason: DlqReason,
+    error: str,
+    stage: str,
+    payload: str,
+    source: str,
+    correlation_id: str | None = None,
+) -> dict:
+    """A DLQ record: why, where, and the original payload, so it can be fixed and replayed."""
+    return {
+        "reason": reason.value,
+        "error": error,
+        "stage": stage,
+        "payload": payload,
+        "source": source,
+        "correlation_id": correlation_id or derive_correlation_id(source),
+        "failed_at": utc_now_iso(),
+    }
