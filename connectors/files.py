@@ -1,0 +1,136 @@
+"""The embedded default: a JSON Lines file as input, and a directory of JSON Lines files as output.
+
+Both resume exactly: the source snapshots its byte offset, the sink snapshots the size of each
+file it writes and truncates back to it on resume, so a crash replays into the same bytes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+
+import orjson
+import polars as pl
+from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
+from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
+
+from operators.model import RawBatch, RawRecord
+
+# --- source ----------------------------------------------------------------------------------
+
+
+class _JsonLinesPartition(StatefulSourcePartition[RawBatch, tuple[int, int]]):
+    def __init__(self, path: Path, batch_size: int, resume: tuple[int, int] | None):
+        self._path = path
+        self._label = path.name
+        self._batch_size = batch_size
+        self._file = path.open("rb")
+        self._offset, self._line = resume or (0, 0)
+        self._file.seek(self._offset)
+
+    def next_batch(self) -> list[RawBatch]:
+        records = []
+        now = time.time()
+        for raw in self._file:
+            self._line += 1
+            self._offset += len(raw)
+            value = raw.rstrip(b"\r\n")
+            if value.strip():
+                records.append(RawRecord(value, f"{self._label}:{self._line}", now))
+            if len(records) >= self._batch_size:
+                break
+        else:
+            if not records:
+                raise StopIteration
+        return [RawBatch(self._label, records)]
+
+    def snapshot(self) -> tuple[int, int]:
+        return (self._offset, self._line)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class JsonLinesSource(FixedPartitionedSource[RawBatch, tuple[int, int]]):
+    """One partition per file; each poll yields one `RawBatch` of up to `batch_size` records."""
+
+    def __init__(self, path: Path, batch_size: int):
+        if not path.is_file():
+            raise FileNotFoundError(f"PIPELINE_INPUT file not found: {path}")
+        self._path = path
+        self._batch_size = batch_size
+
+    def list_parts(self) -> list[str]:
+        return [self._path.name]
+
+    def build_part(self, step_id, for_part, resume_state):
+        return _JsonLinesPartition(self._path, self._batch_size, resume_state)
+
+
+# --- sink ------------------------------------------------------------------------------------
+
+Batch = pl.DataFrame | list[dict]
+
+
+def to_json_lines(batch: Batch) -> bytes:
+    """JSON Lines bytes for a batch; datetimes as ISO-8601 UTC with millisecond precision."""
+    if isinstance(batch, pl.DataFrame):
+        stamps = [c for c, t in batch.schema.items() if isinstance(t, pl.Datetime)]
+        batch = batch.with_columns(
+            pl.col(stamps).dt.strftime("%Y-%m-%dT%H:%M:%S%.3fZ")
+        ).to_dicts()
+    return b"".join(orjson.dumps(row) + b"\n" for row in batch)
+
+
+def batch_len(batch: Batch) -> int:
+    return batch.height if isinstance(batch, pl.DataFrame) else len(batch)
+
+
+class _DirectoryPartition(StatefulSinkPartition[Batch, int]):
+    def __init__(self, path: Path, resume_size: int | None, counts: Counter, stream: str):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = path.open("r+b" if resume_size is not None and path.exists() else "wb")
+        if resume_size is not None:
+            self._file.truncate(resume_size)
+            self._file.seek(resume_size)
+        self._counts = counts
+        self._stream = stream
+
+    def write_batch(self, items: list[Batch]) -> None:
+        for batch in items:
+            self._file.write(to_json_lines(batch))
+            self._counts[self._stream] += batch_len(batch)
+        self._file.flush()
+
+    def snapshot(self) -> int:
+        return self._file.tell()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class DirectorySink(FixedPartitionedSink[Batch, int]):
+    """Writes a stream's batches to `<root>/<stream>/part-0.jsonl`, counting records in `counts`."""
+
+    def __init__(self, root: Path, stream: str, counts: Counter):
+        self._dir = root / stream
+        self._stream = stream
+        self._counts = counts
+
+    def list_parts(self) -> list[str]:
+        return ["part-0"]
+
+    def build_part(self, step_id, for_part, resume_state):
+        return _DirectoryPartition(
+            self._dir / f"{for_part}.jsonl", resume_state, self._counts, self._stream
+        )
+
+
+def read_json_lines(path: Path) -> Iterable[dict]:
+    """Rows of every part file of a stream directory (for tests and tools)."""
+    for part in sorted(path.glob("part-*.jsonl")):
+        with part.open("rb") as handle:
+            for line in handle:
+                yield orjson.loads(line)

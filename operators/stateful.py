@@ -1,0 +1,144 @@
+"""Bytewax operators over the pure state machines in `event_time`, `windows` and `sessions`.
+
+`event_time_gate` runs once per source partition: it marks late events, pre-aggregates the batch
+and sends every shard its partials together with the partition's watermark. `sharded_state` runs
+one state machine (windows or sessions) per shard key and emits the rows it produces.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Protocol
+
+import bytewax.operators as op
+import polars as pl
+from bytewax.dataflow import Stream, operator
+from bytewax.operators import StatefulBatchLogic
+
+from operators.event_time import ClockState, PartitionClock
+from operators.model import EventBatch
+from operators.sessions import session_partials
+from operators.sharding import ShardInput, shard_key
+from operators.windows import window_partials
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    allowed_lateness_s: float
+    idle_close_s: float
+    count_late: bool  # False under the `drop` late policy: late events stay out of aggregates
+    session_gap_s: float
+    shards: int
+
+
+@dataclass(frozen=True)
+class GateOut:
+    late: Stream[pl.DataFrame]
+    windows: Stream[tuple[str, ShardInput]]
+    sessions: Stream[tuple[str, ShardInput]]
+
+
+class _EventTimeLogic(StatefulBatchLogic[EventBatch, tuple, ClockState]):
+    def __init__(self, config: GateConfig, resume: ClockState | None):
+        self._config = config
+        self._clock = PartitionClock(
+            allowed_lateness_s=config.allowed_lateness_s,
+            idle_close_s=config.idle_close_s,
+            state=resume,
+        )
+
+    def on_batch(self, batches: list[EventBatch]):
+        out: list[tuple] = []
+        for batch in batches:
+            self._clock.state.partition = batch.partition
+            late = self._clock.observe(batch.events)
+            if late.any():
+                out.append(("late", batch.events.filter(late)))
+            counted = batch.events if self._config.count_late else batch.events.filter(~late)
+            out.extend(self._to_shards(counted))
+        return out, StatefulBatchLogic.RETAIN
+
+    def on_notify(self):
+        if self._clock.state.partition and self._clock.advance_if_idle():
+            return self._to_shards(None), StatefulBatchLogic.RETAIN
+        return (), StatefulBatchLogic.RETAIN
+
+    def notify_at(self) -> datetime:
+        return datetime.fromtimestamp(self._clock.idle_deadline(), UTC)
+
+    def snapshot(self) -> ClockState:
+        return replace(self._clock.state)
+
+    def _to_shards(self, events: pl.DataFrame | None) -> list[tuple]:
+        cfg = self._config
+        windows = window_partials(events, cfg.shards) if events is not None else {}
+        sessions = (
+            session_partials(events, int(cfg.session_gap_s * 1000), cfg.shards)
+            if events is not None
+            else {}
+        )
+        watermark = self._clock.watermark_ms
+        partition = self._clock.state.partition
+        out = []
+        for shard in range(cfg.shards):
+            key = shard_key(shard)
+            out.append(("windows", (key, ShardInput(partition, watermark, windows.get(shard)))))
+            out.append(("sessions", (key, ShardInput(partition, watermark, sessions.get(shard)))))
+        return out
+
+
+def _select(tag: str):
+    return lambda item: item[1] if item[0] == tag else None
+
+
+@operator
+def event_time_gate(step_id: str, up: Stream[EventBatch], config: GateConfig) -> GateOut:
+    """Mark late events and send each shard its partials plus the partition's watermark."""
+    keyed = op.key_on("by_partition", up, lambda batch: batch.partition)
+    tagged = op.key_rm(
+        "unkey",
+        op.stateful_batch("clock", keyed, lambda resume: _EventTimeLogic(config, resume)),
+    )
+    return GateOut(
+        late=op.filter_map("late", tagged, _select("late")),
+        windows=op.filter_map("windows", tagged, _select("windows")),
+        sessions=op.filter_map("sessions", tagged, _select("sessions")),
+    )
+
+
+class ShardState(Protocol):
+    def apply(self, partition: str, watermark_ms: int, partials) -> list[dict]: ...
+    def flush(self) -> list[dict]: ...
+
+
+class _ShardLogic(StatefulBatchLogic[ShardInput, list[dict], bytes]):
+    def __init__(self, state: ShardState):
+        self._state = state
+
+    def on_batch(self, inputs: list[ShardInput]):
+        rows = []
+        for item in inputs:
+            rows.extend(self._state.apply(item.partition, item.watermark_ms, item.partials))
+        return ([rows] if rows else ()), StatefulBatchLogic.RETAIN
+
+    def on_eof(self):
+        rows = self._state.flush()
+        return ([rows] if rows else ()), StatefulBatchLogic.RETAIN
+
+    def snapshot(self) -> bytes:
+        # Pickling here is the immutable copy Bytewax asks for, made once.
+        return pickle.dumps(self._state, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+@operator
+def sharded_state(
+    step_id: str, up: Stream[tuple[str, ShardInput]], new_state
+) -> Stream[tuple[str, list[dict]]]:
+    """Run one `new_state()` machine per shard key; emits `(shard_key, rows)` per batch."""
+    return op.stateful_batch(
+        "shard",
+        up,
+        lambda resume: _ShardLogic(pickle.loads(resume) if resume is not None else new_state()),
+    )

@@ -1,0 +1,80 @@
+from datetime import UTC, datetime
+
+import polars as pl
+
+from operators.sessions import SessionState, session_partials
+
+T0 = 1_700_000_000
+GAP = 1800
+
+
+def events(rows):
+    """rows: (session_id, epoch_s, user_id)"""
+    return pl.DataFrame(
+        {
+            "session_id": [r[0] for r in rows],
+            "tenant": ["acme"] * len(rows),
+            "user_id": [r[2] for r in rows],
+            "timestamp": [datetime.fromtimestamp(r[1], UTC) for r in rows],
+        },
+        schema={
+            "session_id": pl.String,
+            "tenant": pl.String,
+            "user_id": pl.String,
+            "timestamp": pl.Datetime("ms", "UTC"),
+        },
+    )
+
+
+def partials(rows):
+    return session_partials(events(rows), GAP * 1000, 1).get(0)
+
+
+def test_partials_split_a_session_at_gaps():
+    frame = partials([("s1", T0, "u"), ("s1", T0 + 100, None), ("s1", T0 + 100 + GAP + 1, "u"), ("s2", T0, None)])
+    got = sorted(frame.rows())
+    assert got == [
+        ("s1", "acme", "u", T0 * 1000, (T0 + 100) * 1000, 2),
+        ("s1", "acme", "u", (T0 + 101 + GAP) * 1000, (T0 + 101 + GAP) * 1000, 1),
+        ("s2", "acme", None, T0 * 1000, T0 * 1000, 1),
+    ]
+
+
+def test_session_closes_after_gap_of_event_time_and_frees_state():
+    state = SessionState(gap_ms=GAP * 1000, retention_ms=0)
+    assert state.apply("p0", T0 * 1000, partials([("s1", T0, "u"), ("s1", T0 + 60, "u")])) == []
+    assert state.apply("p0", (T0 + 60 + GAP - 1) * 1000, None) == []
+    rows = state.apply("p0", (T0 + 60 + GAP) * 1000, None)
+    assert rows == [
+        {
+            "tenant": "acme",
+            "user_id": "u",
+            "session_id": "s1",
+            "start": "2023-11-14T22:13:20.000Z",
+            "end": "2023-11-14T22:14:20.000Z",
+            "duration_s": 60.0,
+            "event_count": 2,
+            "revision": 0,
+        }
+    ]
+    assert state.sessions == {}
+
+
+def test_segments_from_different_batches_merge_within_gap():
+    state = SessionState(gap_ms=GAP * 1000, retention_ms=0)
+    state.apply("p0", T0 * 1000, partials([("s1", T0, "u")]))
+    state.apply("p0", T0 * 1000, partials([("s1", T0 + GAP, None)]))
+    (row,) = state.flush()
+    assert (row["event_count"], row["duration_s"], row["user_id"]) == (2, GAP, "u")
+
+
+def test_late_event_revises_a_closed_session():
+    state = SessionState(gap_ms=GAP * 1000, retention_ms=86_400_000)
+    state.apply("p0", T0 * 1000, partials([("s1", T0, "u"), ("s1", T0 + 10, "u")]))
+    (first,) = state.apply("p0", (T0 + 10 + GAP) * 1000, None)
+    (second,) = state.apply("p0", (T0 + 10 + GAP) * 1000, partials([("s1", T0 + 5, "u")]))
+    assert (first["event_count"], first["revision"]) == (2, 0)
+    assert (second["event_count"], second["revision"], second["start"]) == (3, 1, first["start"])
+    # after retention the closed session is freed
+    state.apply("p0", (T0 + 10 + GAP + 86_400) * 1000, None)
+    assert state.sessions == {}

@@ -1,0 +1,113 @@
+from datetime import UTC, datetime
+
+import polars as pl
+
+from operators.windows import WindowState, window_partials
+
+T0 = 1_699_999_980  # 2023-11-14T22:13:00Z, a multiple of 60 but not of 300
+
+
+def events(rows):
+    """rows: (tenant, type, epoch_s, user_id)"""
+    return pl.DataFrame(
+        {
+            "tenant": [r[0] for r in rows],
+            "type": [r[1] for r in rows],
+            "timestamp": [datetime.fromtimestamp(r[2], UTC) for r in rows],
+            "user_id": [r[3] for r in rows],
+        },
+        schema={
+            "tenant": pl.String,
+            "type": pl.String,
+            "timestamp": pl.Datetime("ms", "UTC"),
+            "user_id": pl.String,
+        },
+    )
+
+
+def one_shard(frame):
+    parts = window_partials(frame, 1)
+    return parts.get(0)
+
+
+def by_window(rows):
+    return {(r["window"], r["window_start"]): r for r in rows}
+
+
+def test_partials_count_and_distinct_users_per_window():
+    frame = events(
+        [("a", "click", T0 + 1, "u1"), ("a", "click", T0 + 2, "u1"), ("a", "click", T0 + 61, None)]
+    )
+    partials = one_shard(frame).sort("window", "start_ms")
+    got = {(r["window"], r["start_ms"]): (r["count"], sorted(r["users"])) for r in partials.to_dicts()}
+    assert got == {
+        ("1m", T0 * 1000): (2, ["u1"]),
+        ("1m", (T0 + 60) * 1000): (1, []),
+        ("5m", (T0 // 300 * 300) * 1000): (3, ["u1"]),
+        ("1h", (T0 // 3600 * 3600) * 1000): (3, ["u1"]),
+    }
+
+
+def test_shards_split_keys_stably():
+    frame = events([(f"t{i}", "click", T0, "u") for i in range(50)])
+    parts = window_partials(frame, 4)
+    assert sum(p.height for p in parts.values()) == 150
+    again = window_partials(frame, 4)
+    assert {k: sorted(v["tenant"].to_list()) for k, v in parts.items()} == {
+        k: sorted(v["tenant"].to_list()) for k, v in again.items()
+    }
+
+
+def test_window_emits_once_when_watermark_passes_its_end():
+    state = WindowState(retention_ms=86_400_000)
+    frame = events([("a", "click", T0 + 5, "u1"), ("a", "click", T0 + 10, "u2")])
+    assert state.apply("p0", (T0 + 59) * 1000, one_shard(frame)) == []
+    rows = state.apply("p0", (T0 + 60) * 1000, None)
+    assert rows == [
+        {
+            "tenant": "a",
+            "event_type": "click",
+            "window": "1m",
+            "window_start": "2023-11-14T22:13:00.000Z",
+            "window_end": "2023-11-14T22:14:00.000Z",
+            "count": 2,
+            "unique_users": 2,
+            "revision": 0,
+        }
+    ]
+    assert state.apply("p0", (T0 + 61) * 1000, None) == []
+
+
+def test_late_event_reemits_closed_window_with_next_revision_and_total():
+    state = WindowState(retention_ms=86_400_000)
+    state.apply("p0", (T0 + 120) * 1000, one_shard(events([("a", "click", T0 + 5, "u1")])))
+    rows = state.apply("p0", (T0 + 120) * 1000, one_shard(events([("a", "click", T0 + 7, "u2")])))
+    one_minute = by_window(rows)[("1m", "2023-11-14T22:13:00.000Z")]
+    assert (one_minute["count"], one_minute["unique_users"], one_minute["revision"]) == (2, 2, 1)
+    # the 5m window [22:10, 22:15) closed too and is revised; the 1h window is still open
+    assert [(r["window"], r["revision"]) for r in rows] == [("1m", 1), ("5m", 1)]
+
+
+def test_watermark_is_the_lowest_partition():
+    state = WindowState(retention_ms=0)
+    frame = one_shard(events([("a", "click", T0 + 5, "u1")]))
+    assert state.apply("p0", (T0 + 3600) * 1000, frame) != []  # only p0 known: closes
+    state2 = WindowState(retention_ms=0)
+    state2.apply("p1", (T0 + 30) * 1000, None)
+    assert state2.apply("p0", (T0 + 3600) * 1000, frame) == []  # p1 holds it back
+    assert len(state2.apply("p1", (T0 + 60) * 1000, None)) == 1
+
+
+def test_windows_past_retention_are_freed_and_never_reemitted_as_new():
+    state = WindowState(retention_ms=60_000)
+    frame = one_shard(events([("a", "click", T0 + 5, "u1")]))
+    state.apply("p0", (T0 + 4 * 3600) * 1000, frame)
+    assert state.cells == {}
+    assert state.apply("p0", (T0 + 4 * 3600) * 1000, frame) == []
+    assert state.dropped_events == 3  # one event, counted once per window size
+
+
+def test_flush_emits_everything_open():
+    state = WindowState(retention_ms=0)
+    state.apply("p0", T0 * 1000, one_shard(events([("a", "click", T0 + 5, "u1")])))
+    assert sorted(r["window"] for r in state.flush()) == ["1h", "1m", "5m"]
