@@ -1,0 +1,476 @@
+"""Geo and user-agent enrichment of an events batch — pure, no servers.
+
+`Enricher.enrich(events)` takes a polars frame with the `EVENT_SCHEMA` columns and returns the
+same rows with the `ENRICHMENT_SCHEMA` columns appended, plus DLQ records for the rows whose
+enrichment failed (those rows are removed from the returned frame).
+
+Throughput design
+-----------------
+Real traffic repeats: a batch of thousands of events carries a few hundred distinct IPs and user
+agents. Only the *unique* non-null values of `ip` and `user_agent` are looked up in Python, each
+through a bounded LRU cache that lives as long as the `Enricher` (sizes `GEO_CACHE_SIZE` /
+`UA_CACHE_SIZE`; 0 disables caching). The per-value results become a small table that is
+left-joined back onto the batch, so the per-row work is columnar (one hash join per column).
+
+Geo (`geo_*`)
+-------------
+GeoIP2/GeoLite2 City database at `settings.geoip_city_db`, opened through
+`geoip2.database.Reader` with the maxminddb C extension over mmap (`MODE_MMAP_EXT`; falls back
+to the pure-Python reader in `MODE_MEMORY` if the extension is not built).
+`geo_country` = country ISO code, `geo_region` = ISO code of the *first* (largest) subdivision,
+`geo_city` = English city name, `geo_lat` / `geo_lon` = location. A null IP, an IP the database
+does not know (private ranges, unallocated space: `AddressNotFoundError`) and a string that is not
+an IP address (`ValueError`) all give nulls — that is data, not a failure.
+
+User agent (`ua_*`)
+-------------------
+ua-parser 1.x with the Rust resolver (`ua_parser.regex.Resolver`, backed by `ua-parser-rs`), which
+is what `ua_parser.BestAvailableResolver` selects when `ua-parser-rs` is installed; it is built
+explicitly here so the choice does not depend on import-time probing, and `Enricher.ua_backend`
+names the backend in use (the pure-Python `ua_parser.basic.Resolver` is the fallback when the
+Rust extension is missing — same results, ~10x slower per miss).
+`ua_browser` / `ua_os` / `ua_device_family` follow ua-parser's conventions: a UA that matches no
+rule gets family `Other` and a null major. `ua_browser_major` / `ua_os_major` are the major
+versions as text.
+
+`ua_device_type` is one of `mobile`, `tablet`, `desktop`, `bot`, `other`, decided by
+`device_type()` with these rules, first match wins:
+
+1. `bot` — ua-parser's device family is `Spider`; or the UA contains a crawler token (`bot` as a
+   word end, `crawl`, `spider`, `slurp`, `HeadlessChrome`, `PhantomJS`, …); or it is an HTTP
+   library / command-line client (curl, Wget, python-requests, Python-urllib, httpx, aiohttp,
+   Go-http-client, okhttp, Java, Apache-HttpClient, libwww-perl, PostmanRuntime, axios,
+   node-fetch, undici, Guzzle, HTTPie, Scrapy, PowerShell, …).
+2. `other` — TVs, game consoles, watches and streaming devices (SMART-TV, Xbox, PlayStation,
+   Nintendo, tvOS/Apple TV, Chromecast, watchOS): they would otherwise fall into the desktop or
+   mobile buckets through their OS family.
+3. `tablet` — device family iPad, Kindle, or any device family/brand mentioning `Tablet`;
+   BlackBerry PlayBook; a `Tablet` token in the UA (but not Windows' `Tablet PC`); Amazon Silk;
+   an Android *browser* UA (one with `Mozilla/`) without a `Mobile` token (Google's convention
+   for Android tablets).
+4. `mobile` — iPhone/iPod, a mobile OS family (iOS, Android, Windows Phone/Mobile, BlackBerry OS,
+   Symbian, KaiOS, Firefox OS, Nokia Series 30/40, …), a generic smartphone/feature-phone device,
+   or a `Mobile`/`Mobi` token. Android app UAs without `Mozilla/` (e.g. `Dalvik/…`) land here:
+   they carry no form factor and phones dominate.
+5. `desktop` — a desktop OS family: Windows, Mac OS X, Linux and its distributions, Chrome OS,
+   the BSDs, Solaris.
+6. `other` — everything else (unparseable strings included).
+
+A null or blank `user_agent` is not parsed: `ua_browser`, `ua_browser_major`, `ua_os`,
+`ua_os_major` and `ua_device_family` are null, and `ua_device_type` is `other`, so the device
+type column is never null and always within its five values (aggregations can group by it
+without a null bucket).
+
+`processed_at` is the batch's wall-clock time (UTC, millisecond precision), one value per call.
+
+Failures
+--------
+A lookup that raises anything other than "not found"/"invalid address" (a corrupt database —
+`maxminddb.InvalidDatabaseError` —, an `OSError`, an unexpected parser error) is transient until
+proven otherwise: all values that failed in a batch are retried together, up to `retries` (3)
+more times, sleeping `backoff_s * 2**n` (0.02 s, 0.04 s, 0.08 s by default) before each round —
+so a batch waits at most ~0.14 s however many values fail. Failures are not cached. Each row whose
+`ip` or `user_agent` still fails afterwards becomes one `enrichment_failed` DLQ record (stage
+`enrich`, the error names the field and value, the payload is the row as JSON, source and
+correlation id are the row's) and is dropped from the output. `enrich` itself never raises for
+bad data or a bad database.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import time
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+import geoip2.database
+import geoip2.errors
+import orjson
+import polars as pl
+import ua_parser
+from ua_parser import Domain, load_builtins, load_lazy_builtins
+
+from dataflows.config import Settings
+from operators.model import ENRICHMENT_SCHEMA, DlqReason, dlq_record
+
+STAGE = "enrich"
+
+GEO_COLUMNS = ("geo_country", "geo_region", "geo_city", "geo_lat", "geo_lon")
+UA_COLUMNS = (
+    "ua_browser",
+    "ua_browser_major",
+    "ua_os",
+    "ua_os_major",
+    "ua_device_family",
+    "ua_device_type",
+)
+
+GeoResult = tuple[str | None, str | None, str | None, float | None, float | None]
+UaResult = tuple[str | None, str | None, str | None, str | None, str | None, str]
+
+NULL_GEO: GeoResult = (None, None, None, None, None)
+NULL_UA: UaResult = (None, None, None, None, None, "other")
+
+DEVICE_TYPES = ("mobile", "tablet", "desktop", "bot", "other")
+
+# --- device type rules ---------------------------------------------------------------------------
+
+# Crawler tokens. `bot` must end a word ("Googlebot/", "AhrefsBot;", "Slackbot-") but not be the
+# tail of the CUBOT phone brand.
+_CRAWLER_RE = re.compile(
+    r"(?<!cu)bot\b|crawl|spider|slurp|scrap(?:er|ing)|externalhit|headlesschrome|phantomjs"
+    r"|lighthouse|pingdom|uptimerobot|monitoring|preview|archiver|validator|\+https?://",
+    re.IGNORECASE,
+)
+
+# HTTP libraries and command-line clients: a product token followed by "/" (or the whole UA).
+_HTTP_CLIENT_RE = re.compile(
+    r"(?:^|[\s(;])(?:curl|libcurl|wget|python-requests|python-urllib|python-httpx|httpx|aiohttp"
+    r"|urllib3|go-http-client|okhttp|java|apache-httpclient|jakarta commons-httpclient"
+    r"|java-http-client|libwww-perl|lwp::simple|postmanruntime|insomnia|axios|node-fetch|undici"
+    r"|node|got|superagent|guzzlehttp|php|ruby|faraday|rest-client|restsharp|reqwest|hyper"
+    r"|httpie|scrapy|colly|dart|winhttp|wininet|mechanize|http_request2|httpclient|feign"
+    r"|ktor-client|grpc-[a-z]+)(?:/|$)"
+    r"|powershell/",
+    re.IGNORECASE,
+)
+# Browser families ua-parser assigns to such clients (belt and braces for the regex above).
+_HTTP_CLIENT_FAMILIES = frozenset(
+    {
+        "curl",
+        "Wget",
+        "Python Requests",
+        "Python-urllib",
+        "Go-http-client",
+        "okhttp",
+        "Java",
+        "Apache-HttpClient",
+        "libwww-perl",
+        "PostmanRuntime",
+        "axios",
+        "HTTPie",
+        "HeadlessChrome",
+        "PhantomJS",
+    }
+)
+
+_NON_COMPUTING_RE = re.compile(
+    r"smart-?tv|\bhbbtv\b|\bxbox\b|playstation|nintendo|\bcrkey\b|\bappletv\b|\broku\b"
+    r"|\bweb0s\b|\baft[a-z]{1,2}\b",
+    re.IGNORECASE,
+)
+_NON_COMPUTING_OS = frozenset(
+    {
+        "tvOS",
+        "ATV OS X",
+        "WatchOS",
+        "Chromecast Android",
+        "Chromecast Fuchsia",
+        "Chromecast Linux",
+        "Chromecast SmartSpeaker",
+        "FireHbbTV",
+    }
+)
+
+_TABLET_TOKEN_RE = re.compile(r"\bTablet\b(?! PC)|\bSilk/|\bPlayBook\b", re.IGNORECASE)
+_MOBILE_TOKEN_RE = re.compile(r"\bMobi(?:le)?\b")
+
+_MOBILE_OS = frozenset(
+    {
+        "iOS",
+        "Android",
+        "Windows Phone",
+        "Windows Mobile",
+        "BlackBerry OS",
+        "Firefox OS",
+        "KaiOS",
+        "Symbian OS",
+        "Symbian^3",
+        "Symbian^3 Anna",
+        "Symbian^3 Belle",
+        "Nokia Series 40",
+        "Nokia Series 30 Plus",
+        "Brew MP",
+        "Bada",
+        "MeeGo",
+        "Maemo",
+        "Sailfish",
+        "Ubuntu Touch",
+    }
+)
+_MOBILE_DEVICES = frozenset({"iPhone", "iPod", "iPod touch", "Generic Smartphone", "Generic Feature Phone"})
+
+_DESKTOP_OS = frozenset(
+    {
+        "Windows",
+        "Mac OS X",
+        "Mac OS",
+        "macOS",
+        "Linux",
+        "Ubuntu",
+        "Kubuntu",
+        "Xubuntu",
+        "Lubuntu",
+        "Debian",
+        "Fedora",
+        "Red Hat",
+        "CentOS",
+        "SUSE",
+        "openSUSE",
+        "Mandriva",
+        "Gentoo",
+        "Slackware",
+        "Mint",
+        "Linux Mint",
+        "Arch Linux",
+        "Chrome OS",
+        "ChromeOS",
+        "FreeBSD",
+        "OpenBSD",
+        "NetBSD",
+        "Solaris",
+    }
+)
+
+
+def device_type(ua: str | None, browser: str | None, os: str | None, device: str | None, brand: str | None = None) -> str:
+    """Classify a user agent into `mobile`, `tablet`, `desktop`, `bot` or `other`.
+
+    `ua` is the raw string; `browser`, `os`, `device` are ua-parser's families and `brand` its
+    device brand. The rules are listed in the module docstring.
+    """
+    if ua is None or not ua.strip():
+        return "other"
+    browser = browser or "Other"
+    os = os or "Other"
+    device = device or "Other"
+    brand = brand or ""
+
+    # 1. bots, crawlers, HTTP libraries
+    if device == "Spider" or browser in _HTTP_CLIENT_FAMILIES:
+        return "bot"
+    if _CRAWLER_RE.search(ua) or _HTTP_CLIENT_RE.search(ua):
+        return "bot"
+
+    # 2. TVs, consoles, watches, streaming sticks
+    if os in _NON_COMPUTING_OS or _NON_COMPUTING_RE.search(ua):
+        return "other"
+
+    # 3. tablets
+    if (
+        device.startswith("iPad")
+        or "Kindle" in device
+        or "Tablet" in device
+        or "Tablet" in brand
+        or device == "BlackBerry Playbook"
+        or os == "BlackBerry Tablet OS"
+        or _TABLET_TOKEN_RE.search(ua)
+    ):
+        return "tablet"
+    is_android = os == "Android" or "Android" in ua
+    if is_android and "Mozilla/" in ua and "Mobile" not in ua and os != "Windows Phone":
+        return "tablet"
+
+    # 4. phones
+    if device.startswith(("iPhone", "iPod")) or device in _MOBILE_DEVICES or os in _MOBILE_OS:
+        return "mobile"
+    if os.startswith(("Symbian", "Nokia Series")) or _MOBILE_TOKEN_RE.search(ua):
+        return "mobile"
+
+    # 5. desktops
+    if os in _DESKTOP_OS:
+        return "desktop"
+    return "other"
+
+
+# --- ua-parser backend -----------------------------------------------------------------------------
+
+
+def build_ua_resolver() -> tuple[Callable[[str, Domain], Any], str]:
+    """The uncached ua-parser resolver and the name of its backend.
+
+    `ua_parser.regex.Resolver` runs the uap-core rules in Rust (`ua-parser-rs`); it is the one
+    `ua_parser.BestAvailableResolver` would choose, built explicitly (with the lazily loaded
+    builtin matchers, as ua-parser does for that backend). Without the extension the pure-Python
+    `ua_parser.basic.Resolver` over the eagerly compiled builtins gives the same answers, slower.
+    """
+    if ua_parser.RegexResolver is not None:
+        from ua_parser.regex import Resolver as RegexResolver
+
+        return RegexResolver(load_lazy_builtins()), "regex (ua-parser-rs, Rust)"
+    return ua_parser.BasicResolver(load_builtins()), "basic (pure Python re)"
+
+
+def _open_geo_reader(path: str) -> geoip2.database.Reader:
+    try:
+        return geoip2.database.Reader(path, mode=geoip2.database.MODE_MMAP_EXT)
+    except ValueError:  # maxminddb's C extension is not available
+        return geoip2.database.Reader(path, mode=geoip2.database.MODE_MEMORY)
+
+
+class Enricher:
+    """Adds the `ENRICHMENT_SCHEMA` columns to event batches; holds the GeoIP reader, the UA
+    parser and their caches. One per worker; not shared between threads."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        retries: int = 3,
+        backoff_s: float = 0.02,
+    ) -> None:
+        self._sleep = sleep
+        self._retries = retries
+        self._backoff_s = backoff_s
+        self.geo_reader = _open_geo_reader(str(settings.geoip_city_db))
+        self.ua_resolver, self.ua_backend = build_ua_resolver()
+        self._geo_cached = functools.lru_cache(maxsize=settings.geo_cache_size)(self._lookup_geo)
+        self._ua_cached = functools.lru_cache(maxsize=settings.ua_cache_size)(self._parse_ua)
+
+    # --- per unique value (cached) ---------------------------------------------------------------
+
+    def _lookup_geo(self, ip: str) -> GeoResult:
+        try:
+            city = self.geo_reader.city(ip)
+        except (geoip2.errors.AddressNotFoundError, ValueError):
+            return NULL_GEO
+        subdivisions = city.subdivisions
+        return (
+            city.country.iso_code,
+            subdivisions[0].iso_code if len(subdivisions) else None,
+            city.city.names.get("en"),
+            city.location.latitude,
+            city.location.longitude,
+        )
+
+    def _parse_ua(self, ua: str) -> UaResult:
+        if not ua.strip():
+            return NULL_UA
+        result = self.ua_resolver(ua, Domain.ALL)
+        agent, os, device = result.user_agent, result.os, result.device
+        browser = agent.family if agent else "Other"
+        os_family = os.family if os else "Other"
+        device_family = device.family if device else "Other"
+        return (
+            browser,
+            agent.major if agent else None,
+            os_family,
+            os.major if os else None,
+            device_family,
+            device_type(ua, browser, os_family, device_family, device.brand if device else None),
+        )
+
+    def cache_info(self) -> dict[str, dict[str, int]]:
+        """Hits, misses and sizes of the two caches (for metrics and tests)."""
+        out = {}
+        for name, cached in (("geo", self._geo_cached), ("ua", self._ua_cached)):
+            info = cached.cache_info()
+            out[name] = {
+                "hits": info.hits,
+                "misses": info.misses,
+                "size": info.currsize,
+                "maxsize": info.maxsize or 0,
+            }
+        return out
+
+    # --- batch ---------------------------------------------------------------------------------
+
+    def _resolve(
+        self, values: Iterable[str], lookup: Callable[[str], tuple]
+    ) -> tuple[dict[str, tuple], dict[str, str]]:
+        """Look every value up; retry the failures together with exponential backoff.
+
+        Returns the results and, for values that failed every attempt, a readable error.
+        """
+        results: dict[str, tuple] = {}
+        pending: Iterable[str] = values
+        errors: dict[str, Exception] = {}
+        for attempt in range(self._retries + 1):
+            if attempt:
+                self._sleep(self._backoff_s * 2 ** (attempt - 1))
+            errors = {}
+            for value in pending:
+                try:
+                    results[value] = lookup(value)
+                except Exception as exc:  # noqa: BLE001 — anything else is treated as transient
+                    errors[value] = exc
+            if not errors:
+                break
+            pending = list(errors)
+        attempts = self._retries + 1
+        return results, {
+            v: f"{type(e).__name__}: {e} (after {attempts} attempts)" for v, e in errors.items()
+        }
+
+    def enrich(self, events: pl.DataFrame) -> tuple[pl.DataFrame, list[dict]]:
+        """The rows of `events` with the enrichment columns appended, and DLQ records for the rows
+        whose enrichment failed (removed from the frame)."""
+        processed_at = datetime.now(UTC)
+        base = events.drop([c for c in ENRICHMENT_SCHEMA if c in events.columns])
+        for key in ("ip", "user_agent"):
+            if base.schema[key] != pl.String:
+                base = base.with_columns(pl.col(key).cast(pl.String))
+
+        ips = base.get_column("ip").drop_nulls().unique().to_list()
+        uas = base.get_column("user_agent").drop_nulls().unique().to_list()
+        geo, geo_errors = self._resolve(ips, self._geo_cached)
+        ua, ua_errors = self._resolve(uas, self._ua_cached)
+
+        out = base
+        if geo:
+            out = out.join(_table("ip", geo, GEO_COLUMNS), on="ip", how="left", maintain_order="left")
+        if ua:
+            out = out.join(
+                _table("user_agent", ua, UA_COLUMNS), on="user_agent", how="left", maintain_order="left"
+            )
+        out = out.with_columns(
+            *(pl.lit(None).alias(c) for c in GEO_COLUMNS if c not in out.columns),
+            *(pl.lit(None).alias(c) for c in UA_COLUMNS if c not in out.columns),
+            pl.lit(processed_at).alias("processed_at"),
+        )
+        # Rows without a user agent: device type "other" (see the module docstring).
+        out = out.with_columns(
+            pl.when(pl.col("user_agent").is_null())
+            .then(pl.lit(NULL_UA[-1]))
+            .otherwise(pl.col("ua_device_type"))
+            .alias("ua_device_type"),
+        ).select(*base.columns, *(pl.col(c).cast(t) for c, t in ENRICHMENT_SCHEMA.items()))
+
+        dlq: list[dict] = []
+        if geo_errors or ua_errors:
+            failed = pl.col("ip").is_in(list(geo_errors)).fill_null(False) | pl.col(
+                "user_agent"
+            ).is_in(list(ua_errors)).fill_null(False)
+            for row in base.filter(failed).iter_rows(named=True):
+                dlq.append(_dlq_for(row, geo_errors, ua_errors))
+            out = out.filter(~failed)
+        return out, dlq
+
+
+def _table(key: str, results: dict[str, tuple], columns: tuple[str, ...]) -> pl.DataFrame:
+    schema = {key: pl.String(), **{c: ENRICHMENT_SCHEMA[c] for c in columns}}
+    rows = list(zip(*results.values(), strict=True)) if results else [[] for _ in columns]
+    return pl.DataFrame([list(results), *rows], schema=schema, orient="col")
+
+
+def _short(value: str, limit: int = 200) -> str:
+    return repr(value if len(value) <= limit else value[:limit] + "…")
+
+
+def _dlq_for(row: dict, geo_errors: dict[str, str], ua_errors: dict[str, str]) -> dict:
+    problems = []
+    if (ip := row.get("ip")) is not None and ip in geo_errors:
+        problems.append(f"geo lookup failed for ip={_short(ip)}: {geo_errors[ip]}")
+    if (ua := row.get("user_agent")) is not None and ua in ua_errors:
+        problems.append(f"user-agent parse failed for user_agent={_short(ua)}: {ua_errors[ua]}")
+    return dlq_record(
+        reason=DlqReason.ENRICHMENT_FAILED,
+        stage=STAGE,
+        error="; ".join(problems),
+        payload=orjson.dumps(row, option=orjson.OPT_UTC_Z, default=str).decode(),
+        source=row.get("source") or "",
+        correlation_id=row.get("correlation_id"),
+    )
