@@ -36,25 +36,28 @@ versions as text.
 `ua_device_type` is one of `mobile`, `tablet`, `desktop`, `bot`, `other`, decided by
 `device_type()` with these rules, first match wins:
 
-1. `bot` — ua-parser's device family is `Spider`; or the UA contains a crawler token (`bot` as a
-   word end, `crawl`, `spider`, `slurp`, `HeadlessChrome`, `PhantomJS`, …); or it is an HTTP
-   library / command-line client (curl, Wget, python-requests, Python-urllib, httpx, aiohttp,
-   Go-http-client, okhttp, Java, Apache-HttpClient, libwww-perl, PostmanRuntime, axios,
-   node-fetch, undici, Guzzle, HTTPie, Scrapy, PowerShell, …).
-2. `other` — TVs, game consoles, watches and streaming devices (SMART-TV, Xbox, PlayStation,
-   Nintendo, tvOS/Apple TV, Chromecast, watchOS): they would otherwise fall into the desktop or
-   mobile buckets through their OS family.
-3. `tablet` — device family iPad, Kindle, or any device family/brand mentioning `Tablet`;
-   BlackBerry PlayBook; a `Tablet` token in the UA (but not Windows' `Tablet PC`); Amazon Silk;
-   an Android *browser* UA (one with `Mozilla/`) without a `Mobile` token (Google's convention
-   for Android tablets).
-4. `mobile` — iPhone/iPod, a mobile OS family (iOS, Android, Windows Phone/Mobile, BlackBerry OS,
-   Symbian, KaiOS, Firefox OS, Nokia Series 30/40, …), a generic smartphone/feature-phone device,
-   or a `Mobile`/`Mobi` token. Android app UAs without `Mozilla/` (e.g. `Dalvik/…`) land here:
-   they carry no form factor and phones dominate.
-5. `desktop` — a desktop OS family: Windows, Mac OS X, Linux and its distributions, Chrome OS,
+1. `bot` — ua-parser's device family is `Spider`; or the UA contains a crawler/monitoring token
+   (`bot` as a word end, `crawl`, `spider`, `slurp`, `HeadlessChrome`, `PhantomJS`, `monitor`,
+   a `+http://` contact URL, …); or it is an HTTP library / command-line client (a product token
+   with a version: curl, Wget, python-requests, Python-urllib, httpx, aiohttp, Go-http-client,
+   okhttp, Java, Apache-HttpClient, libwww-perl, PostmanRuntime, axios, node-fetch, undici,
+   Guzzle, HTTPie, Scrapy, cloud SDKs, PowerShell, …).
+2. `other` — TVs, game consoles, VR headsets, watches and streaming devices (SMART-TV, HbbTV,
+   GoogleTV, Xbox, PlayStation, Nintendo, Quest, tvOS/Apple TV, Roku, Chromecast, watchOS): they
+   would otherwise fall into the desktop or mobile buckets through their OS family.
+3. `tablet` — device family iPad or Kindle, any device family/brand mentioning `Tablet`,
+   BlackBerry PlayBook; a `Tablet` token in the UA (but not Windows' `Tablet PC`), `Kindle`,
+   Amazon `Silk/`.
+4. `mobile` — device family iPhone/iPod or ua-parser's generic smartphone/feature phone.
+5. `tablet` — an Android *browser* UA (one with `Mozilla/`) without a `Mobile` token (Google's
+   convention for Android tablets). Android app UAs without `Mozilla/` (e.g. `Dalvik/…`) carry
+   no form factor; they fall through to `mobile` since phones dominate.
+6. `mobile` — a mobile OS family (iOS, Android, Windows Phone/Mobile, BlackBerry OS, Symbian,
+   KaiOS, Firefox OS, Nokia Series 30/40, Bada, …) or a phone token (`Mobile`/`Mobi`, IEMobile,
+   Windows CE, J2ME/MIDP feature-phone browsers such as Opera Mini, UC Browser, NetFront).
+7. `desktop` — a desktop OS family: Windows, Mac OS X, Linux and its distributions, Chrome OS,
    the BSDs, Solaris.
-6. `other` — everything else (unparseable strings included).
+8. `other` — everything else (unparseable strings included).
 
 A null or blank `user_agent` is not parsed: `ua_browser`, `ua_browser_major`, `ua_os`,
 `ua_os_major` and `ua_device_family` are null, and `ua_device_type` is `other`, so the device
@@ -117,26 +120,29 @@ DEVICE_TYPES = ("mobile", "tablet", "desktop", "bot", "other")
 
 # --- device type rules ---------------------------------------------------------------------------
 
-# Crawler tokens. `bot` must end a word ("Googlebot/", "AhrefsBot;", "Slackbot-") but not be the
-# tail of the CUBOT phone brand.
+# Crawler and monitoring tokens. `bot` must end a word ("Googlebot/", "AhrefsBot;", "Slackbot-")
+# but not be the tail of the CUBOT phone brand.
 _CRAWLER_RE = re.compile(
-    r"(?<!cu)bot\b|crawl|spider|slurp|scrap(?:er|ing)|externalhit|headlesschrome|phantomjs"
-    r"|lighthouse|pingdom|uptimerobot|monitoring|preview|archiver|validator|\+https?://",
+    r"(?<!cu)bot\b|crawl|spider|slurp|scraper|externalhit|headlesschrome|phantomjs|lighthouse"
+    r"|monitor|pinger|pingdom|site24x7|openvas|nessus|zgrab|masscan|\+https?://",
     re.IGNORECASE,
 )
 
-# HTTP libraries and command-line clients: a product token followed by "/" (or the whole UA).
+# HTTP libraries and command-line clients: a product token followed by "/<version>", or the
+# whole UA. Matched anywhere a token can start ("Apache-HttpClient/4.5 (Java/17)" is caught twice).
 _HTTP_CLIENT_RE = re.compile(
-    r"(?:^|[\s(;])(?:curl|libcurl|wget|python-requests|python-urllib|python-httpx|httpx|aiohttp"
-    r"|urllib3|go-http-client|okhttp|java|apache-httpclient|jakarta commons-httpclient"
-    r"|java-http-client|libwww-perl|lwp::simple|postmanruntime|insomnia|axios|node-fetch|undici"
-    r"|node|got|superagent|guzzlehttp|php|ruby|faraday|rest-client|restsharp|reqwest|hyper"
-    r"|httpie|scrapy|colly|dart|winhttp|wininet|mechanize|http_request2|httpclient|feign"
-    r"|ktor-client|grpc-[a-z]+)(?:/|$)"
-    r"|powershell/",
+    r"(?:^|[\s(;,\-])(?:curl|libcurl|libcurl-agent|pycurl|wget2?|python-requests|python-urllib"
+    r"|python-httpx|httpx|aiohttp|urllib3|go-http-client|go-resty|okhttp|java|ahc|apache-httpclient"
+    r"|httpclient|java-http-client|jersey|reactornetty|vert\.x-webclient|akka-http|scalaj-http"
+    r"|apache-cxf|libwww-perl|lwp::simple|postmanruntime|insomnia|axios|node-fetch|undici|node"
+    r"|got|superagent|guzzlehttp|php|ruby|http\.rb|faraday|rest-client|restsharp|reqwest|ureq"
+    r"|hyper|httpie|scrapy|colly|dart|winhttp|mechanize|http_request2|feign|ktor-client"
+    r"|grpc-[a-z]+|aws-sdk-[a-z0-9]+|boto3|botocore|minio-go|rclone|s3fs|aria2|lftp|urlgrabber"
+    r"|lua-resty-http)(?:/v?\d|/?$)"
+    r"|powershell/\d",
     re.IGNORECASE,
 )
-# Browser families ua-parser assigns to such clients (belt and braces for the regex above).
+# Browser families ua-parser assigns to such clients (belt and braces for the regexes above).
 _HTTP_CLIENT_FAMILIES = frozenset(
     {
         "curl",
@@ -156,9 +162,11 @@ _HTTP_CLIENT_FAMILIES = frozenset(
     }
 )
 
+# TVs, consoles, VR headsets, watches, streaming sticks.
 _NON_COMPUTING_RE = re.compile(
-    r"smart-?tv|\bhbbtv\b|\bxbox\b|playstation|nintendo|\bcrkey\b|\bappletv\b|\broku\b"
-    r"|\bweb0s\b|\baft[a-z]{1,2}\b",
+    r"smart-?tv|\bhbbtv\b|googletv|\bnetcast\b|\bweb0s\b|\btizen\b.*\btv\b|\bxbox\b|playstation"
+    r"|\bpsp\b|nintendo|dreamcast|\bcrkey\b|\bapple ?tv\b|\broku\b|\baft[a-z]{1,3}\b"
+    r"|oculusbrowser|\bquest \d",
     re.IGNORECASE,
 )
 _NON_COMPUTING_OS = frozenset(
@@ -166,16 +174,25 @@ _NON_COMPUTING_OS = frozenset(
         "tvOS",
         "ATV OS X",
         "WatchOS",
+        "GoogleTV",
+        "Roku",
         "Chromecast Android",
         "Chromecast Fuchsia",
         "Chromecast Linux",
         "Chromecast SmartSpeaker",
         "FireHbbTV",
+        "WebTV",
     }
 )
 
-_TABLET_TOKEN_RE = re.compile(r"\bTablet\b(?! PC)|\bSilk/|\bPlayBook\b", re.IGNORECASE)
-_MOBILE_TOKEN_RE = re.compile(r"\bMobi(?:le)?\b")
+_TABLET_TOKEN_RE = re.compile(r"\bTablet\b(?! PC)|\bSilk/|\bPlayBook\b|\bKindle\b", re.IGNORECASE)
+# Phone tokens: "Mobile"/"Mobi", Windows CE/IEMobile, J2ME feature phones and their browsers,
+# Symbian/Nokia, Facebook's Android/iOS app markers.
+_MOBILE_TOKEN_RE = re.compile(
+    r"\bMobi(?:le)?\b|IEMobile|Windows ?CE|\bMIDP\b|\bCLDC\b|J2ME|UP\.Browser|Obigo|Openwave"
+    r"|NetFront|Opera Mini|UCWEB|UC ?Browser|MQQBrowser|OneBrowser|\bBREW\b|Series ?[46]0"
+    r"|SymbianOS|\bNokia|SonyEricsson|\[FBAN/FB(?:4A|IOS)"
+)
 
 _MOBILE_OS = frozenset(
     {
@@ -193,6 +210,7 @@ _MOBILE_OS = frozenset(
         "Nokia Series 40",
         "Nokia Series 30 Plus",
         "Brew MP",
+        "BREW",
         "Bada",
         "MeeGo",
         "Maemo",
@@ -200,7 +218,7 @@ _MOBILE_OS = frozenset(
         "Ubuntu Touch",
     }
 )
-_MOBILE_DEVICES = frozenset({"iPhone", "iPod", "iPod touch", "Generic Smartphone", "Generic Feature Phone"})
+_PHONE_DEVICES = frozenset({"Generic Smartphone", "Generic Feature Phone"})
 
 _DESKTOP_OS = frozenset(
     {
@@ -230,16 +248,23 @@ _DESKTOP_OS = frozenset(
         "FreeBSD",
         "OpenBSD",
         "NetBSD",
+        "BSD",
         "Solaris",
     }
 )
 
 
-def device_type(ua: str | None, browser: str | None, os: str | None, device: str | None, brand: str | None = None) -> str:
+def device_type(
+    ua: str | None,
+    browser: str | None,
+    os: str | None,
+    device: str | None,
+    brand: str | None = None,
+) -> str:
     """Classify a user agent into `mobile`, `tablet`, `desktop`, `bot` or `other`.
 
     `ua` is the raw string; `browser`, `os`, `device` are ua-parser's families and `brand` its
-    device brand. The rules are listed in the module docstring.
+    device brand (None = no match). The rules are listed in the module docstring.
     """
     if ua is None or not ua.strip():
         return "other"
@@ -248,17 +273,17 @@ def device_type(ua: str | None, browser: str | None, os: str | None, device: str
     device = device or "Other"
     brand = brand or ""
 
-    # 1. bots, crawlers, HTTP libraries
+    # 1. bots, crawlers, monitors, HTTP libraries and command-line clients
     if device == "Spider" or browser in _HTTP_CLIENT_FAMILIES:
         return "bot"
     if _CRAWLER_RE.search(ua) or _HTTP_CLIENT_RE.search(ua):
         return "bot"
 
-    # 2. TVs, consoles, watches, streaming sticks
+    # 2. TVs, consoles, VR headsets, watches, streaming devices
     if os in _NON_COMPUTING_OS or _NON_COMPUTING_RE.search(ua):
         return "other"
 
-    # 3. tablets
+    # 3. explicit tablets
     if (
         device.startswith("iPad")
         or "Kindle" in device
@@ -269,17 +294,21 @@ def device_type(ua: str | None, browser: str | None, os: str | None, device: str
         or _TABLET_TOKEN_RE.search(ua)
     ):
         return "tablet"
-    is_android = os == "Android" or "Android" in ua
-    if is_android and "Mozilla/" in ua and "Mobile" not in ua and os != "Windows Phone":
+
+    # 4. explicit phones
+    if device.startswith(("iPhone", "iPod")) or device in _PHONE_DEVICES:
+        return "mobile"
+
+    # 5. Android browsers without "Mobile" are tablets (Google's convention); Android apps that
+    #    are not browsers carry no form factor and fall through to "mobile".
+    if os == "Android" and "Mozilla/" in ua and "Mobile" not in ua:
         return "tablet"
 
-    # 4. phones
-    if device.startswith(("iPhone", "iPod")) or device in _MOBILE_DEVICES or os in _MOBILE_OS:
-        return "mobile"
-    if os.startswith(("Symbian", "Nokia Series")) or _MOBILE_TOKEN_RE.search(ua):
+    # 6. other phones: mobile OS families and phone tokens
+    if os in _MOBILE_OS or os.startswith(("Symbian", "Nokia Series")) or _MOBILE_TOKEN_RE.search(ua):
         return "mobile"
 
-    # 5. desktops
+    # 7. desktops
     if os in _DESKTOP_OS:
         return "desktop"
     return "other"
