@@ -20,7 +20,8 @@ to the pure-Python reader in `MODE_MEMORY` if the extension is not built).
 `geo_country` = country ISO code, `geo_region` = ISO code of the *first* (largest) subdivision,
 `geo_city` = English city name, `geo_lat` / `geo_lon` = location. A null IP, an IP the database
 does not know (private ranges, unallocated space: `AddressNotFoundError`) and a string that is not
-an IP address (`ValueError`) all give nulls — that is data, not a failure.
+an IP address (`ValueError`) all give nulls — that is data, not a failure. A missing database
+file or one that is not a City database fails `Enricher(...)` at start-up (configuration error).
 
 User agent (`ua_*`)
 -------------------
@@ -305,7 +306,9 @@ def device_type(
         return "tablet"
 
     # 6. other phones: mobile OS families and phone tokens
-    if os in _MOBILE_OS or os.startswith(("Symbian", "Nokia Series")) or _MOBILE_TOKEN_RE.search(ua):
+    if os in _MOBILE_OS or os.startswith(("Symbian", "Nokia Series")):
+        return "mobile"
+    if _MOBILE_TOKEN_RE.search(ua):
         return "mobile"
 
     # 7. desktops
@@ -314,7 +317,7 @@ def device_type(
     return "other"
 
 
-# --- ua-parser backend -----------------------------------------------------------------------------
+# --- ua-parser backend ---------------------------------------------------------------------------
 
 
 def build_ua_resolver() -> tuple[Callable[[str, Domain], Any], str]:
@@ -333,10 +336,17 @@ def build_ua_resolver() -> tuple[Callable[[str, Domain], Any], str]:
 
 
 def _open_geo_reader(path: str) -> geoip2.database.Reader:
+    """Open the City database; a missing file or a database of another type (e.g. ASN) is a
+    configuration error and fails here, at start-up, rather than dead-lettering every event."""
     try:
-        return geoip2.database.Reader(path, mode=geoip2.database.MODE_MMAP_EXT)
+        reader = geoip2.database.Reader(path, mode=geoip2.database.MODE_MMAP_EXT)
     except ValueError:  # maxminddb's C extension is not available
-        return geoip2.database.Reader(path, mode=geoip2.database.MODE_MEMORY)
+        reader = geoip2.database.Reader(path, mode=geoip2.database.MODE_MEMORY)
+    database_type = reader.metadata().database_type
+    if "City" not in database_type:
+        reader.close()
+        raise ValueError(f"GEOIP_CITY_DB {path} is a {database_type} database, not a City one")
+    return reader
 
 
 class Enricher:
@@ -355,6 +365,9 @@ class Enricher:
         self._retries = retries
         self._backoff_s = backoff_s
         self.geo_reader = _open_geo_reader(str(settings.geoip_city_db))
+        # Verified with ua-parser 1.0.2 + ua-parser-rs 0.1.5: this is the Rust `regex` resolver
+        # (tests assert it). ua-parser's own CachingResolver is not used: the LRU below caches
+        # the whole derived row (families, majors, device type) instead.
         self.ua_resolver, self.ua_backend = build_ua_resolver()
         self._geo_cached = functools.lru_cache(maxsize=settings.geo_cache_size)(self._lookup_geo)
         self._ua_cached = functools.lru_cache(maxsize=settings.ua_cache_size)(self._parse_ua)
@@ -450,23 +463,26 @@ class Enricher:
 
         out = base
         if geo:
-            out = out.join(_table("ip", geo, GEO_COLUMNS), on="ip", how="left", maintain_order="left")
+            geo_table = _table("ip", geo, GEO_COLUMNS)
+            out = out.join(geo_table, on="ip", how="left", maintain_order="left")
         if ua:
-            out = out.join(
-                _table("user_agent", ua, UA_COLUMNS), on="user_agent", how="left", maintain_order="left"
-            )
-        out = out.with_columns(
-            *(pl.lit(None).alias(c) for c in GEO_COLUMNS if c not in out.columns),
-            *(pl.lit(None).alias(c) for c in UA_COLUMNS if c not in out.columns),
-            pl.lit(processed_at).alias("processed_at"),
+            ua_table = _table("user_agent", ua, UA_COLUMNS)
+            out = out.join(ua_table, on="user_agent", how="left", maintain_order="left")
+
+        def column(name: str) -> pl.Expr:
+            if name in out.columns:
+                return pl.col(name)
+            return pl.lit(None, dtype=ENRICHMENT_SCHEMA[name]).alias(name)
+
+        # Every parsed UA has a device type, so a null one after the join means a null/failed UA:
+        # "other" (see the module docstring).
+        out = out.select(
+            *base.columns,
+            *(column(c) for c in GEO_COLUMNS),
+            *(column(c) for c in UA_COLUMNS[:-1]),
+            column("ua_device_type").fill_null(NULL_UA[-1]),
+            pl.lit(processed_at, dtype=ENRICHMENT_SCHEMA["processed_at"]).alias("processed_at"),
         )
-        # Rows without a user agent: device type "other" (see the module docstring).
-        out = out.with_columns(
-            pl.when(pl.col("user_agent").is_null())
-            .then(pl.lit(NULL_UA[-1]))
-            .otherwise(pl.col("ua_device_type"))
-            .alias("ua_device_type"),
-        ).select(*base.columns, *(pl.col(c).cast(t) for c, t in ENRICHMENT_SCHEMA.items()))
 
         dlq: list[dict] = []
         if geo_errors or ua_errors:

@@ -448,6 +448,11 @@ def test_broken_database_raises_the_expected_error():
             reader.get("81.2.69.160")
 
 
+def test_missing_database_fails_at_construction(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        Enricher(settings(geoip_city_db=tmp_path / "nope.mmdb"))
+
+
 class FlakyReader:
     """Wraps a geoip2 reader: raises `error` for `ip` the first `failures` times."""
 
