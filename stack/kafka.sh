@@ -101,7 +101,7 @@ start() {
         -Dkafka.logs.dir="$LOGS" -Dlog4j2.configurationFile="$STACK_DIR/kafka/log4j2.properties" \
         -cp "$cp" kafka.Kafka "$DIR/server.properties"
     wait_ready 180 "$PIDFILE" ready
-    say "up on 127.0.0.1:$PORT (Kafka $KAFKA_VERSION, pid $(cat "$PIDFILE"), $((SECONDS - t0))s)"
+    say "up on 127.0.0.1:$PORT (Kafka $KAFKA_VERSION, pid $(head -1 "$PIDFILE"), $((SECONDS - t0))s)"
 }
 
 stop() {

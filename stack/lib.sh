@@ -120,12 +120,30 @@ lock() {
     flock -w 900 9 || die "could not lock $RUN/$SVC.lock"
 }
 
-# pid_of PIDFILE: the pid in PIDFILE if that process is alive, else nothing (status 1).
+# proc_field PID N: field N of /proc/PID/stat counted after the command name (1 = state,
+# 20 = start time in clock ticks since boot).
+proc_field() {
+    local stat
+    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+    stat=${stat##*) }
+    cut -d' ' -f"$2" <<<"$stat"
+}
+
+# pid_of PIDFILE: the pid in PIDFILE if that very process is still alive (not a zombie,
+# same start time, so a pid reused after a reboot does not count), else nothing (status 1).
 pid_of() {
-    local pid
-    pid=$(cat "$1" 2>/dev/null) || return 1
-    [[ $pid =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null || return 1
+    local pid start state
+    { read -r pid && read -r start; } 2>/dev/null <"$1" || [[ -n ${pid:-} ]] || return 1
+    [[ $pid =~ ^[0-9]+$ ]] || return 1
+    state=$(proc_field "$pid" 1) || return 1
+    [[ $state != Z && $state != X ]] || return 1
+    [[ -z ${start:-} || $(proc_field "$pid" 20) == "$start" ]] || return 1
     echo "$pid"
+}
+
+# write_pidfile PIDFILE PID: the pid and its start time.
+write_pidfile() {
+    printf '%s\n%s\n' "$2" "$(proc_field "$2" 20 || true)" >"$1"
 }
 
 # spawn PIDFILE LOGFILE USER CMD...: start CMD as USER, detached (own session, no stdin,
@@ -139,7 +157,7 @@ spawn() {
             env HOME=/tmp USER="$user" LOGNAME="$user" "$@")
     fi
     setsid "${cmd[@]}" </dev/null >>"$logfile" 2>&1 9>&- &
-    echo $! >"$pidfile"
+    write_pidfile "$pidfile" $!
 }
 
 # port_open PORT: something accepts TCP connections on 127.0.0.1:PORT.

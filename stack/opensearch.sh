@@ -149,7 +149,7 @@ start() {
         OPENSEARCH_JAVA_HOME="$JAVA_HOME_OS" OPENSEARCH_PATH_CONF="$d/config" \
         OPENSEARCH_TMPDIR="$d/tmp" JAVA_HOME= "$home/bin/opensearch"
     wait_ready 300 "$PIDFILE" ready
-    say "up on 127.0.0.1:$PORT (OpenSearch $VERSION on Java $JAVA_MAJOR, pid $(cat "$PIDFILE"), $((SECONDS - t0))s)"
+    say "up on 127.0.0.1:$PORT (OpenSearch $VERSION on Java $JAVA_MAJOR, pid $(head -1 "$PIDFILE"), $((SECONDS - t0))s)"
 }
 
 stop() {

@@ -102,7 +102,7 @@ EOF
     spawn "$PIDFILE" "$LOG" "$PG_USER" "$PG_BIN/postgres" -D "$d/data"
     wait_ready 60 "$PIDFILE" ready
     bootstrap_db || start_failed "creating role/database '$DB_NAME' failed"
-    say "up on 127.0.0.1:$PORT (PostgreSQL $("$PG_BIN/postgres" -V | awk '{print $3}')${TIMESCALE:+ + TimescaleDB}, pid $(cat "$PIDFILE"), $((SECONDS - t0))s)"
+    say "up on 127.0.0.1:$PORT (PostgreSQL $("$PG_BIN/postgres" -V | awk '{print $3}')${TIMESCALE:+ + TimescaleDB}, pid $(head -1 "$PIDFILE"), $((SECONDS - t0))s)"
 }
 
 stop() {

@@ -34,7 +34,7 @@ start() {
         --protected-mode yes --daemonize no --logfile "" --dir "$d" \
         --save "" --appendonly no
     wait_ready 30 "$PIDFILE" ready
-    say "up on 127.0.0.1:$PORT (Redis $(redis-server --version | sed -n 's/.*v=\([^ ]*\).*/\1/p'), pid $(cat "$PIDFILE"), $((SECONDS - t0))s)"
+    say "up on 127.0.0.1:$PORT (Redis $(redis-server --version | sed -n 's/.*v=\([^ ]*\).*/\1/p'), pid $(head -1 "$PIDFILE"), $((SECONDS - t0))s)"
 }
 
 stop() {

@@ -36,7 +36,7 @@ start() {
     rotate_log "$LOG"
     spawn "$PIDFILE" "$LOG" "$(id -un)" "$MOTO" -H 127.0.0.1 -p "$PORT"
     wait_ready 60 "$PIDFILE" ready
-    say "up on 127.0.0.1:$PORT (moto $("$ROOT/.venv/bin/python" -c 'import moto; print(moto.__version__)'), pid $(cat "$PIDFILE"), $((SECONDS - t0))s)"
+    say "up on 127.0.0.1:$PORT (moto $("$ROOT/.venv/bin/python" -c 'import moto; print(moto.__version__)'), pid $(head -1 "$PIDFILE"), $((SECONDS - t0))s)"
 }
 
 stop() {
