@@ -61,6 +61,8 @@ _FIELD_KEYS = frozenset({"name", "type", "required", "description", "fields"})
 
 # Fields every contract must declare, because the pipeline after validation relies on them.
 _ENVELOPE = {"schema_urn": "string", "version": "integer", "event_id": "string", "timestamp": "timestamp"}
+# Columns the pipeline fills itself (from the RawRecord), never from a field of the event.
+_RESERVED_COLUMNS = frozenset({"ingested_at", "source"})
 
 
 class ContractError(Exception):
@@ -231,6 +233,8 @@ def parse_contract(data: bytes, *, where: str = "<contract>", digest: str = "") 
         if spec is None or spec.type != ftype or not spec.required:
             raise ContractError(f"{where}: must declare '{name}' as a required {ftype} field")
     for column, (_path, spec) in contract.columns().items():
+        if column in _RESERVED_COLUMNS:
+            raise ContractError(f"{where}: a field may not fill the pipeline's own column '{column}'")
         if not _compatible(spec, EVENT_SCHEMA[column], column):
             raise ContractError(
                 f"{where}: field for column '{column}' has type {spec.type}, which cannot fill a "
