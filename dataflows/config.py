@@ -70,6 +70,21 @@ class Settings(BaseSettings):
     s3_region: str = "us-east-1"
     weaviate_url: str = "http://127.0.0.1:8080"
 
+    # --- metrics and logging (dataflows/metrics.py, dataflows/logging.py) ---------------
+    metrics_enabled: bool = Field(
+        default=True, description="Serve the pipeline's Prometheus metrics over HTTP."
+    )
+    metrics_host: str = Field(
+        default="127.0.0.1", description="Address the metrics endpoint binds; 0.0.0.0 in a pod."
+    )
+    metrics_port: int = Field(default=9464, ge=1, le=65535)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_log_level(cls, value: object) -> object:
+        return value.strip().upper() if isinstance(value, str) else value
+
     @field_validator("pipeline_input")
     @classmethod
     def _check_input(cls, value: str) -> str:
