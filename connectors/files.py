@@ -16,7 +16,7 @@ import polars as pl
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 
-from operators.model import RawBatch, RawRecord
+from operators.model import RawBatch, RawRecord, as_dicts
 
 # --- source ----------------------------------------------------------------------------------
 
@@ -76,12 +76,7 @@ Batch = pl.DataFrame | list[dict]
 
 def to_json_lines(batch: Batch) -> bytes:
     """JSON Lines bytes for a batch; datetimes as ISO-8601 UTC with millisecond precision."""
-    if isinstance(batch, pl.DataFrame):
-        stamps = [c for c, t in batch.schema.items() if isinstance(t, pl.Datetime)]
-        batch = batch.with_columns(
-            pl.col(stamps).dt.strftime("%Y-%m-%dT%H:%M:%S%.3fZ")
-        ).to_dicts()
-    return b"".join(orjson.dumps(row) + b"\n" for row in batch)
+    return b"".join(orjson.dumps(row) + b"\n" for row in as_dicts(batch))
 
 
 def batch_len(batch: Batch) -> int:

@@ -7,17 +7,38 @@ librdkafka properties and win over the defaults; pass dotted names by unpacking 
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
+import orjson
+import polars as pl
+from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
+from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from dataflows.config import Settings
+from operators.model import RawBatch, RawRecord, as_dicts
+
+logger = logging.getLogger(__name__)
 
 
 def base_config(settings: Settings) -> dict[str, Any]:
-    return {"bootstrap.servers": settings.kafka_bootstrap_servers}
+    """Brokers plus any librdkafka setting from `KAFKA_CONFIG` (SASL, TLS, ...)."""
+    return {
+        "bootstrap.servers": settings.kafka_bootstrap_servers,
+        **settings.kafka_config,
+    }
 
 
 def producer_config(
@@ -112,3 +133,227 @@ def ensure_topics(
             if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise
     return created
+
+
+# --- source ----------------------------------------------------------------------------------
+
+
+class _KafkaPartition(StatefulSourcePartition[RawBatch, int]):
+    """One topic partition, read in batches; its state is the next offset to read.
+
+    Offsets are committed to the consumer group one snapshot behind: when Bytewax asks for the
+    snapshot of epoch N, the snapshot of epoch N−1 has been persisted, so the committed offset
+    never runs ahead of what a resume would replay. Lag tools then show the true lag.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        topic: str,
+        partition: int,
+        resume_offset: int | None,
+        stop_at_end: bool,
+    ):
+        self._label = f"{topic}/{partition}"
+        self._batch_size = settings.pipeline_batch_size
+        self._stop_at_end = stop_at_end
+        self._consumer = consumer(settings, **{"enable.partition.eof": stop_at_end})
+        self._tp = TopicPartition(topic, partition)
+        if resume_offset is None:
+            (committed,) = self._consumer.committed([self._tp], timeout=30)
+            resume_offset = (
+                committed.offset if committed.offset >= 0 else OFFSET_BEGINNING
+            )
+        self._consumer.assign([TopicPartition(topic, partition, resume_offset)])
+        self._next_offset = resume_offset
+        self._to_commit: int | None = None
+        self._ended = False
+        self._idle_until = 0.0
+
+    def next_batch(self) -> list[RawBatch]:
+        if self._ended:
+            raise StopIteration
+        messages = self._consumer.consume(self._batch_size, 0.001)
+        records = []
+        for message in messages:
+            error = message.error()
+            if error is not None:
+                if error.code() == KafkaError._PARTITION_EOF:
+                    self._ended = self._stop_at_end
+                    continue
+                if error.fatal():
+                    raise KafkaException(error)
+                logger.warning("kafka source %s: %s", self._label, error)
+                continue
+            offset = message.offset()
+            _, stamp = message.timestamp()
+            records.append(
+                RawRecord(
+                    message.value() or b"",
+                    f"{self._label}/{offset}",
+                    stamp / 1000 if stamp > 0 else time.time(),
+                )
+            )
+            self._next_offset = offset + 1
+        if not records:
+            self._idle_until = time.monotonic() + _IDLE_POLL_S
+            return []
+        return [RawBatch(self._label, records)]
+
+    def next_awake(self) -> datetime | None:
+        if time.monotonic() < self._idle_until:
+            return datetime.now(UTC) + timedelta(seconds=_IDLE_POLL_S)
+        return None
+
+    def snapshot(self) -> int:
+        if self._to_commit is not None:
+            self._commit(self._to_commit)
+        self._to_commit = self._next_offset
+        return self._next_offset
+
+    def lag(self) -> int | None:
+        """Records between the read position and the partition's high watermark."""
+        _, high = self._consumer.get_watermark_offsets(self._tp, cached=True)
+        return None if high < 0 else max(high - self._next_offset, 0)
+
+    def _commit(self, offset: int) -> None:
+        if offset < 0:
+            return
+        tp = TopicPartition(self._tp.topic, self._tp.partition, offset)
+        try:
+            self._consumer.commit(offsets=[tp], asynchronous=True)
+        except KafkaException as exc:  # the next snapshot commits a later offset anyway
+            logger.warning(
+                "kafka source %s: offset commit failed: %s", self._label, exc
+            )
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+_IDLE_POLL_S = 0.05
+
+
+class KafkaBatchSource(FixedPartitionedSource[RawBatch, int]):
+    """`KAFKA_TOPIC_RAW` as one Bytewax partition per topic partition.
+
+    Resumes from the offsets in the recovery snapshot; without one, from the consumer group's
+    committed offsets, else from the earliest record. Partitions added to the topic are picked up
+    on the next start. With `stop_at_end`, each partition ends at the end of the log (for
+    backfills, tests and benchmarks).
+    """
+
+    def __init__(self, settings: Settings, *, stop_at_end: bool | None = None):
+        self._settings = settings
+        self._stop_at_end = (
+            settings.kafka_stop_at_end if stop_at_end is None else stop_at_end
+        )
+
+    def list_parts(self) -> list[str]:
+        topic = self._settings.kafka_topic_raw
+        metadata = admin(self._settings).list_topics(topic, timeout=30)
+        described = metadata.topics.get(topic)
+        if described is None or described.error is not None:
+            raise RuntimeError(
+                f"cannot read Kafka topic {topic!r} at {self._settings.kafka_bootstrap_servers}: "
+                f"{described.error if described else 'not found'}"
+            )
+        return [f"{topic}/{p}" for p in sorted(described.partitions)]
+
+    def build_part(
+        self, step_id: str, for_part: str, resume_state: int | None
+    ) -> _KafkaPartition:
+        topic, partition = for_part.rsplit("/", 1)
+        return _KafkaPartition(
+            self._settings, topic, int(partition), resume_state, self._stop_at_end
+        )
+
+
+# --- sink ------------------------------------------------------------------------------------
+
+Rows = pl.DataFrame | list[dict]
+
+
+def encode_rows(rows: Rows, key_of) -> list[tuple[bytes, bytes]]:
+    """(key, JSON value) per row; datetimes as ISO-8601 UTC strings."""
+    return [(key_of(row).encode(), orjson.dumps(row)) for row in as_dicts(rows)]
+
+
+class _TransactionalPartition(StatefulSinkPartition[Rows, None]):
+    """One transactional producer; everything written in an epoch commits at the epoch's end.
+
+    A stable `transactional.id` fences a zombie producer of a previous run. While the broker is
+    unreachable, produce blocks (backpressure) and librdkafka retries; a transaction that cannot
+    commit raises, so the run stops and resumes from its last snapshot instead of losing records.
+    """
+
+    def __init__(self, settings: Settings, topic: str, transactional_id: str, key_of):
+        self._topic = topic
+        self._key_of = key_of
+        self._producer = producer(
+            settings,
+            transactional_id=transactional_id,
+            **{
+                "linger.ms": 20,
+                "compression.type": "lz4",
+                "transaction.timeout.ms": 600_000,
+                "message.timeout.ms": 590_000,
+            },
+        )
+        self._producer.init_transactions(60)
+        self._open = False
+
+    def write_batch(self, items: list[Rows]) -> None:
+        if not self._open:
+            self._producer.begin_transaction()
+            self._open = True
+        for rows in items:
+            for key, value in encode_rows(rows, self._key_of):
+                self._produce(key, value)
+        self._producer.poll(0)
+
+    def _produce(self, key: bytes, value: bytes) -> None:
+        while True:
+            try:
+                self._producer.produce(
+                    self._topic, value, key, on_delivery=_raise_on_failure
+                )
+                return
+            except BufferError:  # local queue full: wait for the broker (backpressure)
+                self._producer.poll(0.1)
+
+    def snapshot(self) -> None:
+        self._commit()
+
+    def close(self) -> None:
+        self._commit()
+
+    def _commit(self) -> None:
+        if self._open:
+            self._producer.commit_transaction(600)
+            self._open = False
+
+
+def _raise_on_failure(error, message) -> None:
+    if error is not None:
+        raise KafkaException(error)
+
+
+class KafkaStreamSink(FixedPartitionedSink[Rows, None]):
+    """A pipeline stream into a Kafka topic, one transaction per epoch per sink partition."""
+
+    def __init__(self, settings: Settings, stream: str, topic: str, key_of, parts: int):
+        self._settings = settings
+        self._stream = stream
+        self._topic = topic
+        self._key_of = key_of
+        self._parts = parts
+
+    def list_parts(self) -> list[str]:
+        return [f"{self._stream}-{i}" for i in range(self._parts)]
+
+    def build_part(self, step_id: str, for_part: str, resume_state: None):
+        transactional_id = f"{self._settings.kafka_consumer_group}.{for_part}"
+        return _TransactionalPartition(
+            self._settings, self._topic, transactional_id, self._key_of
+        )

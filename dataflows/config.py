@@ -53,6 +53,13 @@ class Settings(BaseSettings):
     # --- Kafka --------------------------------------------------------------------------
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
     kafka_consumer_group: str = "event-pipeline"
+    kafka_config: dict[str, str | int | float | bool] = Field(
+        default_factory=dict,
+        description="Extra librdkafka settings as a JSON object (SASL, TLS, ...).",
+    )
+    kafka_stop_at_end: bool = Field(
+        default=False, description="End the run when every input partition is read to its end."
+    )
     kafka_topic_raw: str = "events.raw"
     kafka_topic_enriched: str = "events.enriched"
     kafka_topic_aggregates: str = "events.aggregates"

@@ -31,8 +31,11 @@ def build(settings: Settings) -> Dataflow:
     checked = op.map("validate", raw, Validate())
     enriched = op.map("enrich", checked, Enrich(settings))
 
-    dlq = op.filter_map("dlq", enriched, lambda batch: batch.dlq or None)
-    events = op.filter_map("events", enriched, lambda b: b.events if b.events.height else None)
+    # Output streams are keyed by source partition (or shard): sinks partition by that key.
+    dlq = op.filter_map("dlq", enriched, lambda b: (b.partition, b.dlq) if b.dlq else None)
+    events = op.filter_map(
+        "events", enriched, lambda b: (b.partition, b.events) if b.events.height else None
+    )
 
     retention_ms = int(settings.pipeline_late_retention_s * 1000)
     if settings.pipeline_late_policy == "drop":

@@ -11,34 +11,58 @@ import polars as pl
 from bytewax.dataflow import Stream
 
 from connectors.files import DirectorySink
+from connectors.kafka import KafkaStreamSink
 from dataflows.config import Settings
 
 
 @dataclass(frozen=True)
 class Outputs:
-    enriched: Stream[pl.DataFrame]
-    aggregates: Stream[tuple[str, list[dict]]]  # keyed by shard
-    sessions: Stream[tuple[str, list[dict]]]  # keyed by shard
-    late: Stream[pl.DataFrame]
-    dlq: Stream[list[dict]]
+    """The output streams; each item is `(key, rows)`, keyed by source partition or shard."""
+
+    enriched: Stream[tuple[str, pl.DataFrame]]
+    aggregates: Stream[tuple[str, list[dict]]]
+    sessions: Stream[tuple[str, list[dict]]]
+    late: Stream[tuple[str, pl.DataFrame]]
+    dlq: Stream[tuple[str, list[dict]]]
 
 
-def _keyed(step_id: str, stream: Stream, keyed: bool) -> Stream:
-    return stream if keyed else op.key_on(step_id, stream, lambda _: "all")
+# Kafka message key per stream: aggregates are compactable per window.
+KAFKA_KEYS = {
+    "enriched": lambda row: row["event_id"],
+    "aggregates": lambda row: (
+        f"{row['tenant']}|{row['event_type']}|{row['window']}|{row['window_start']}"
+    ),
+    "sessions": lambda row: f"{row['session_id']}|{row['start']}",
+    "late": lambda row: row["event_id"],
+    "dlq": lambda row: row["correlation_id"],
+}
+
+
+def kafka_topic(settings: Settings, stream: str) -> str:
+    return getattr(settings, f"kafka_topic_{stream}")
 
 
 def attach_sinks(outputs: Outputs, settings: Settings) -> None:
+    streams = {spec.name: getattr(outputs, spec.name) for spec in fields(outputs)}
     if "local" in settings.sinks:
         counts: Counter = Counter()
-        for spec in fields(outputs):
-            stream = getattr(outputs, spec.name)
-            keyed = spec.name in ("aggregates", "sessions")
+        for name, stream in streams.items():
             op.output(
-                f"local_{spec.name}",
-                _keyed(f"local_key_{spec.name}", stream, keyed),
-                DirectorySink(settings.pipeline_output_dir, spec.name, counts),
+                f"local_{name}",
+                stream,
+                DirectorySink(settings.pipeline_output_dir, name, counts),
             )
-        atexit.register(_print_summary, counts, settings, [f.name for f in fields(outputs)])
+        atexit.register(_print_summary, counts, settings, list(streams))
+    if "kafka" in settings.sinks:
+        for name, stream in streams.items():
+            sink = KafkaStreamSink(
+                settings,
+                name,
+                kafka_topic(settings, name),
+                KAFKA_KEYS[name],
+                parts=settings.pipeline_state_shards,
+            )
+            op.output(f"kafka_{name}", stream, sink)
 
 
 def _print_summary(counts: Counter, settings: Settings, streams: list[str]) -> None:

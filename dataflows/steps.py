@@ -6,7 +6,10 @@ from bytewax.inputs import Source
 
 from connectors.files import JsonLinesSource
 from dataflows.config import Settings
+from operators.contracts import default_registry
+from operators.enrich import Enricher
 from operators.model import EventBatch, RawBatch
+from operators.validate import decode_batch
 
 
 def input_source(settings: Settings) -> Source[RawBatch]:
@@ -21,13 +24,9 @@ class Validate:
     """Decode and validate a raw batch against the contract registry."""
 
     def __init__(self):
-        from operators.contracts import load_registry
-
-        self._registry = load_registry()
+        self._registry = default_registry()
 
     def __call__(self, batch: RawBatch) -> EventBatch:
-        from operators.validate import decode_batch
-
         return decode_batch(batch, self._registry)
 
 
@@ -40,8 +39,6 @@ class Enrich:
 
     def __call__(self, batch: EventBatch) -> EventBatch:
         if self._enricher is None:
-            from operators.enrich import Enricher
-
             self._enricher = Enricher(self._settings)
         events, failed = self._enricher.enrich(batch.events)
         return EventBatch(batch.partition, events, batch.dlq + failed)

@@ -28,14 +28,16 @@ from operators.windows import window_partials
 class GateConfig:
     allowed_lateness_s: float
     idle_close_s: float
-    count_late: bool  # False under the `drop` late policy: late events stay out of aggregates
+    count_late: (
+        bool  # False under the `drop` late policy: late events stay out of aggregates
+    )
     session_gap_s: float
     shards: int
 
 
 @dataclass(frozen=True)
 class GateOut:
-    late: Stream[pl.DataFrame]
+    late: Stream[tuple[str, pl.DataFrame]]  # keyed by source partition
     windows: Stream[tuple[str, ShardInput]]
     sessions: Stream[tuple[str, ShardInput]]
 
@@ -55,8 +57,10 @@ class _EventTimeLogic(StatefulBatchLogic[EventBatch, tuple, ClockState]):
             self._clock.state.partition = batch.partition
             late = self._clock.observe(batch.events)
             if late.any():
-                out.append(("late", batch.events.filter(late)))
-            counted = batch.events if self._config.count_late else batch.events.filter(~late)
+                out.append(("late", (batch.partition, batch.events.filter(late))))
+            counted = (
+                batch.events if self._config.count_late else batch.events.filter(~late)
+            )
             out.extend(self._to_shards(counted))
         return out, StatefulBatchLogic.RETAIN
 
@@ -84,8 +88,15 @@ class _EventTimeLogic(StatefulBatchLogic[EventBatch, tuple, ClockState]):
         out = []
         for shard in range(cfg.shards):
             key = shard_key(shard)
-            out.append(("windows", (key, ShardInput(partition, watermark, windows.get(shard)))))
-            out.append(("sessions", (key, ShardInput(partition, watermark, sessions.get(shard)))))
+            out.append(
+                ("windows", (key, ShardInput(partition, watermark, windows.get(shard))))
+            )
+            out.append(
+                (
+                    "sessions",
+                    (key, ShardInput(partition, watermark, sessions.get(shard))),
+                )
+            )
         return out
 
 
@@ -94,12 +105,16 @@ def _select(tag: str):
 
 
 @operator
-def event_time_gate(step_id: str, up: Stream[EventBatch], config: GateConfig) -> GateOut:
+def event_time_gate(
+    step_id: str, up: Stream[EventBatch], config: GateConfig
+) -> GateOut:
     """Mark late events and send each shard its partials plus the partition's watermark."""
     keyed = op.key_on("by_partition", up, lambda batch: batch.partition)
     tagged = op.key_rm(
         "unkey",
-        op.stateful_batch("clock", keyed, lambda resume: _EventTimeLogic(config, resume)),
+        op.stateful_batch(
+            "clock", keyed, lambda resume: _EventTimeLogic(config, resume)
+        ),
     )
     return GateOut(
         late=op.filter_map("late", tagged, _select("late")),
@@ -120,7 +135,9 @@ class _ShardLogic(StatefulBatchLogic[ShardInput, list[dict], bytes]):
     def on_batch(self, inputs: list[ShardInput]):
         rows = []
         for item in inputs:
-            rows.extend(self._state.apply(item.partition, item.watermark_ms, item.partials))
+            rows.extend(
+                self._state.apply(item.partition, item.watermark_ms, item.partials)
+            )
         return ([rows] if rows else ()), StatefulBatchLogic.RETAIN
 
     def on_eof(self):
@@ -140,5 +157,7 @@ def sharded_state(
     return op.stateful_batch(
         "shard",
         up,
-        lambda resume: _ShardLogic(pickle.loads(resume) if resume is not None else new_state()),
+        lambda resume: _ShardLogic(
+            pickle.loads(resume) if resume is not None else new_state()
+        ),
     )
