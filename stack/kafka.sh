@@ -5,6 +5,7 @@
 # Jars come from Maven Central (stack/kafka/pom.xml, resolved by Maven into
 # .cache/kafka/<version>/libs); the broker runs on the default `java` (17+).
 SVC=kafka
+# shellcheck source=stack/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 KAFKA_VERSION=$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$STACK_DIR/kafka/pom.xml")

@@ -8,6 +8,7 @@
 # script falls back to the OpenSearch 2.19 line. It refuses to run as root, so it runs as
 # the system user `opensearch` (created when missing).
 SVC=opensearch
+# shellcheck source=stack/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 OS3_VERSION=3.6.0

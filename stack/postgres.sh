@@ -5,6 +5,7 @@
 # TimescaleDB is preloaded and created in `pipeline` when its extension is installed.
 # Usage: stack/postgres.sh {prereqs|install|start|stop|status}
 SVC=postgres
+# shellcheck source=stack/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 PG_MAJOR=15

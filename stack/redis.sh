@@ -2,6 +2,7 @@
 # Redis (Debian's redis-server) on 127.0.0.1:6379, no persistence (no RDB, no AOF).
 # Usage: stack/redis.sh {prereqs|install|start|stop|status}
 SVC=redis
+# shellcheck source=stack/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 PORT=6379

@@ -3,6 +3,7 @@
 # (`moto[server]` is a test extra; `make install` provides it). State is in memory only.
 # Usage: stack/s3.sh {prereqs|install|start|stop|status}
 SVC=s3
+# shellcheck source=stack/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 PORT=5000

@@ -15,6 +15,7 @@
 # Environment: STACK_KEEP_DATA=1 keeps Kafka/PostgreSQL/OpenSearch data from the last run
 # (by default each start from "down" begins empty).
 SVC=stack
+# shellcheck source=stack/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 SERVERS=(kafka opensearch postgres redis s3)
