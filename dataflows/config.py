@@ -76,6 +76,31 @@ class Settings(BaseSettings):
     s3_bucket: str = "events-archive"
     s3_region: str = "us-east-1"
     weaviate_url: str = "http://127.0.0.1:8080"
+    postgres_schema: str = Field(
+        default="public", min_length=1, description="Schema of the pipeline's tables."
+    )
+    opensearch_index_prefix: str = Field(
+        default="events-errors",
+        pattern=r"^[a-z0-9][a-z0-9_.-]*$",
+        description="Daily indices `<prefix>-YYYY.MM.DD`, read through the alias `<prefix>`.",
+    )
+    redis_key_prefix: str = Field(default="", description="Prepended to every Redis key.")
+    s3_prefix: str = Field(default="", description="Prepended to every S3 object key.")
+
+    # --- store sinks ---------------------------------------------------------------------
+    sink_max_batch_rows: int = Field(
+        default=5000, ge=1, description="A sink partition flushes once it holds this many rows."
+    )
+    sink_linger_s: float = Field(
+        default=1.0, ge=0, description="...or when its oldest buffered row is this old."
+    )
+    sink_retries: int = Field(
+        default=3, ge=0, description="Quick retries of a transient failure before backpressure."
+    )
+    sink_backoff_s: float = Field(default=0.2, gt=0, description="First retry delay.")
+    sink_backoff_max_s: float = Field(
+        default=30.0, gt=0, description="Cap of the retry delay while a server stays down."
+    )
 
     # --- metrics and logging (dataflows/metrics.py, dataflows/logging.py) ---------------
     metrics_enabled: bool = Field(
