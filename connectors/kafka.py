@@ -228,6 +228,13 @@ class _KafkaPartition(StatefulSourcePartition[RawBatch, int]):
             )
 
     def close(self) -> None:
+        # The run is over and its last snapshot is written: that offset is safe to commit.
+        if self._to_commit is not None and self._to_commit >= 0:
+            tp = TopicPartition(self._tp.topic, self._tp.partition, self._to_commit)
+            try:
+                self._consumer.commit(offsets=[tp], asynchronous=False)
+            except KafkaException as exc:
+                logger.warning("kafka source %s: final offset commit failed: %s", self._label, exc)
         self._consumer.close()
 
 
