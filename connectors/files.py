@@ -6,6 +6,7 @@ file it writes and truncates back to it on resume, so a crash replays into the s
 
 from __future__ import annotations
 
+import atexit
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -83,20 +84,46 @@ def batch_len(batch: Batch) -> int:
     return batch.height if isinstance(batch, pl.DataFrame) else len(batch)
 
 
+class RunSummary:
+    """Records written per stream by this process, printed when the process exits."""
+
+    def __init__(self, root: Path, streams: list[str]):
+        self._root = root
+        self._counts = Counter({name: 0 for name in streams})
+        self._registered = False
+
+    def add(self, stream: str, records: int) -> None:
+        if not self._registered:
+            atexit.register(self.print)
+            self._registered = True
+        self._counts[stream] += records
+
+    def print(self) -> None:
+        lines = [
+            f"  {name:<11} {count:>9,}  → {self._root / name}/"
+            for name, count in self._counts.items()
+        ]
+        print("records written per stream:\n" + "\n".join(lines))
+
+
 class _DirectoryPartition(StatefulSinkPartition[Batch, int]):
-    def __init__(self, path: Path, resume_size: int | None, counts: Counter, stream: str):
+    def __init__(
+        self, path: Path, resume_size: int | None, summary: RunSummary, stream: str
+    ):
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = path.open("r+b" if resume_size is not None and path.exists() else "wb")
+        self._file = path.open(
+            "r+b" if resume_size is not None and path.exists() else "wb"
+        )
         if resume_size is not None:
             self._file.truncate(resume_size)
             self._file.seek(resume_size)
-        self._counts = counts
+        self._summary = summary
         self._stream = stream
 
     def write_batch(self, items: list[Batch]) -> None:
         for batch in items:
             self._file.write(to_json_lines(batch))
-            self._counts[self._stream] += batch_len(batch)
+            self._summary.add(self._stream, batch_len(batch))
         self._file.flush()
 
     def snapshot(self) -> int:
@@ -107,19 +134,19 @@ class _DirectoryPartition(StatefulSinkPartition[Batch, int]):
 
 
 class DirectorySink(FixedPartitionedSink[Batch, int]):
-    """Writes a stream's batches to `<root>/<stream>/part-0.jsonl`, counting records in `counts`."""
+    """Writes a stream's batches to `<root>/<stream>/part-0.jsonl`, counting them in `summary`."""
 
-    def __init__(self, root: Path, stream: str, counts: Counter):
+    def __init__(self, root: Path, stream: str, summary: RunSummary):
         self._dir = root / stream
         self._stream = stream
-        self._counts = counts
+        self._summary = summary
 
     def list_parts(self) -> list[str]:
         return ["part-0"]
 
     def build_part(self, step_id, for_part, resume_state):
         return _DirectoryPartition(
-            self._dir / f"{for_part}.jsonl", resume_state, self._counts, self._stream
+            self._dir / f"{for_part}.jsonl", resume_state, self._summary, self._stream
         )
 
 

@@ -68,8 +68,7 @@ class PartitionClock:
         )
         late = (ts < watermark_before).alias("late")
         batch_max = int(ts.max())
-        if batch_max > self.state.max_event_ms:
-            self.state.max_event_ms = batch_max
+        self.state.max_event_ms = max(self.state.max_event_ms, batch_max)
         self.state.watermark_ms = max(
             self.state.watermark_ms, self.state.max_event_ms - self._lateness_ms
         )

@@ -51,7 +51,7 @@ def test_idle_partition_advances_with_wall_clock_only_after_idle_close():
     assert not clock.advance_if_idle()
     wall.now += 1
     assert clock.advance_if_idle()
-    assert clock.watermark_ms == int((10_030 - 60) * 1000)
+    assert clock.watermark_ms == ((10_030 - 60) * 1000)
     # the next check waits another idle period instead of spinning
     assert clock.idle_deadline() == 10_060
 
