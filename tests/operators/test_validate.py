@@ -519,3 +519,18 @@ def test_fast_correlation_derivation_matches_the_model():
     for _ in range(2000):
         seed = "".join(rng.choice("abc-_0123456789éλ✓") for _ in range(rng.randint(0, 40)))
         assert _derive(seed) == derive_correlation_id(seed)
+
+
+def test_ingested_at_is_per_record():
+    records = [
+        RawRecord(orjson.dumps(event(event_id="a")), "s:1", 1_714_550_400.0),
+        RawRecord(orjson.dumps(event(event_id="b")), "s:2", 1_714_550_400.0),
+        RawRecord(orjson.dumps(event(event_id="c")), "s:3", 1_714_550_401.0006),
+        RawRecord(b"{", "s:4", 1_714_550_402.0),
+        RawRecord(orjson.dumps(event(event_id="d", user_id=5)), "s:5", 1_714_550_403.0),
+        RawRecord(orjson.dumps(event(event_id="e", error={})), "s:6", 1_714_550_404.0),
+    ]
+    events = decode_batch(RawBatch("p", records)).events
+    assert events["ingested_at"].dt.epoch("ms").to_list() == [
+        1_714_550_400_000, 1_714_550_400_000, 1_714_550_401_001, 1_714_550_404_000,
+    ]  # fmt: skip
