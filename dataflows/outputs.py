@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
-import atexit
-from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, fields
+from functools import partial
 
 import bytewax.operators as op
 import polars as pl
 from bytewax.dataflow import Stream
 
-from connectors.files import DirectorySink
+from connectors.base import (
+    DeadLetters,
+    FanOutDeadLetters,
+    JsonLinesDeadLetters,
+    SinkPolicy,
+    SinkWriter,
+    StoreSink,
+)
+from connectors.files import DirectorySink, RunSummary
 from connectors.kafka import KafkaStreamSink
+from connectors.opensearch import OpenSearchSink
+from connectors.postgres import PostgresSink
+from connectors.redis import RedisAggregatesSink
+from connectors.s3 import S3ArchiveSink
 from dataflows.config import Settings
+from operators.routing import error_events, timeseries_events
 
 
 @dataclass(frozen=True)
@@ -42,17 +55,75 @@ def kafka_topic(settings: Settings, stream: str) -> str:
     return getattr(settings, f"kafka_topic_{stream}")
 
 
+@dataclass(frozen=True)
+class StoreRoute:
+    """One stream into one store: `writer(settings)` builds the store's writer (one per sink
+    partition); `select` keeps the part of each batch the store takes (None: drop the batch)."""
+
+    sink: str  # the name in PIPELINE_SINKS
+    stream: str  # a field of Outputs
+    writer: Callable[[Settings], SinkWriter]
+    select: Callable[[pl.DataFrame], pl.DataFrame | None] | None = None
+
+    @property
+    def step_id(self) -> str:
+        return f"{self.sink}_{self.stream}"
+
+
+STORE_ROUTES = (
+    # sink          stream         writer                                     rows
+    StoreRoute(
+        "postgres", "enriched", partial(PostgresSink, table="events"), timeseries_events
+    ),
+    StoreRoute("postgres", "aggregates", partial(PostgresSink, table="aggregates")),
+    StoreRoute("postgres", "sessions", partial(PostgresSink, table="sessions")),
+    StoreRoute("opensearch", "enriched", OpenSearchSink, error_events),
+    StoreRoute("redis", "aggregates", RedisAggregatesSink),
+    StoreRoute("s3", "enriched", S3ArchiveSink),
+)
+
+# Where rows a store permanently rejects (`sink_failed`) are written with `local` on.
+SINK_FAILED_FILE = "sink-failed.jsonl"
+
+
+def sink_dead_letters(settings: Settings) -> DeadLetters:
+    """The DLQ of the store sinks: `<PIPELINE_OUTPUT_DIR>/dlq/sink-failed.jsonl` (appended) with
+    `local`, Kafka `events.dlq` with `kafka` once `kafka_dead_letters` provides a writer. With
+    neither, each record is logged at ERROR."""
+    targets: list[DeadLetters] = []
+    if "local" in settings.sinks:
+        targets.append(
+            JsonLinesDeadLetters(
+                settings.pipeline_output_dir / "dlq" / SINK_FAILED_FILE
+            )
+        )
+    if "kafka" in settings.sinks:
+        kafka_target = kafka_dead_letters(settings)
+        if kafka_target is not None:
+            targets.append(kafka_target)
+    return FanOutDeadLetters(targets)
+
+
+def kafka_dead_letters(settings: Settings) -> DeadLetters | None:
+    """Hook for Kafka: a writer of `sink_failed` records to `KAFKA_TOPIC_DLQ`.
+
+    Contract: return a callable taking a list of DLQ records that returns only once the broker has
+    acknowledged every one of them (keyed like the `dlq` stream, `KAFKA_KEYS["dlq"]`), and raises
+    `connectors.base.TransientSinkError` while it cannot (the sink base then retries with backoff).
+    The records are written from inside a store sink's flush, outside the Kafka stream sink's
+    epoch transactions. Not provided yet: returns None.
+    """
+    return None
+
+
 def attach_sinks(outputs: Outputs, settings: Settings) -> None:
     streams = {spec.name: getattr(outputs, spec.name) for spec in fields(outputs)}
     if "local" in settings.sinks:
-        counts: Counter = Counter()
+        summary = RunSummary(settings.pipeline_output_dir, list(streams))
         for name, stream in streams.items():
             op.output(
-                f"local_{name}",
-                stream,
-                DirectorySink(settings.pipeline_output_dir, name, counts),
+                f"local_{name}", stream, DirectorySink(settings.pipeline_output_dir, name, summary)
             )
-        atexit.register(_print_summary, counts, settings, list(streams))
     if "kafka" in settings.sinks:
         for name, stream in streams.items():
             sink = KafkaStreamSink(
@@ -63,9 +134,28 @@ def attach_sinks(outputs: Outputs, settings: Settings) -> None:
                 parts=settings.pipeline_state_shards,
             )
             op.output(f"kafka_{name}", stream, sink)
+    attach_stores(streams, settings)
 
 
-def _print_summary(counts: Counter, settings: Settings, streams: list[str]) -> None:
-    root = settings.pipeline_output_dir
-    lines = [f"  {name:<11} {counts[name]:>9,}  → {root / name}/" for name in streams]
-    print("records written per stream:\n" + "\n".join(lines))
+def attach_stores(streams: dict[str, Stream], settings: Settings) -> list[StoreSink]:
+    """One `StoreSink` per route in `STORE_ROUTES` whose store is named in PIPELINE_SINKS."""
+    routes = [route for route in STORE_ROUTES if route.sink in settings.sinks]
+    if not routes:
+        return []
+    policy = SinkPolicy.from_settings(settings)
+    dead_letters = sink_dead_letters(settings)
+    sinks = []
+    for route in routes:
+        stream = streams[route.stream]
+        if route.select is not None:
+            stream = op.filter_map_value(f"{route.step_id}_rows", stream, route.select)
+        sink = StoreSink(
+            partial(route.writer, settings),
+            stream=route.stream,
+            parts=settings.pipeline_state_shards,
+            policy=policy,
+            dead_letters=dead_letters,
+        )
+        op.output(route.step_id, stream, sink)
+        sinks.append(sink)
+    return sinks
