@@ -20,9 +20,12 @@ Per record, in this order (the first failing check decides the DLQ reason):
    1970-01-01T00:00:00Z .. 2200-01-01T00:00:00Z (exclusive)  → `bad_timestamp`
    Optional fields may be absent or null; fields the contract does not declare are ignored.
 
-A rejected record becomes `dlq_record(stage="validate", ...)` with the original text as payload, the
-record's `source`, and as correlation id the record's `correlation_id`, else one derived from its
-`event_id`, else (`dlq_record`'s default) one derived from `source`.
+A rejected record becomes `dlq_record(stage="validate", ...)` whose `error` names the field, with the
+original text as payload (decoded with replacement characters where it is not UTF-8), the record's
+`source`, and as correlation id the record's `correlation_id`, else one derived from its `event_id`,
+else one derived from `source` (the same id `dlq_record` would derive). Should a record ever trip an
+unexpected error inside this module, it is rejected as `bad_type` ("could not be validated") rather
+than stopping the dataflow.
 
 A valid record becomes one row of `EVENT_SCHEMA`: `timestamp` in UTC milliseconds (sub-millisecond
 digits are truncated), `properties` as compact JSON text, `error.message`/`error.stack` flattened into
@@ -30,9 +33,13 @@ digits are truncated), `properties` as compact JSON text, `error.message`/`error
 `ingested_at`/`source` from the `RawRecord`.
 
 Speed: for each contract a specialised check-and-extract function is generated from its definition (the
-"fast path"). It either returns the finished row or gives up; giving up sends the record through the
-generic, interpreted checks (the "reference path"), which decide the DLQ reason and message, or build
-the row themselves. The two must agree on every record that the fast path accepts (tested).
+"fast path"). It checks that the event is of its urn and version, and either returns the finished row
+or gives up; giving up sends the record through the generic, interpreted checks (the "reference
+path"), which decide the DLQ reason and message, or build the row themselves. The two must agree on
+every record that the fast path accepts (tested). Rows are collected as tuples and become one
+`pl.DataFrame` per batch. Per valid event the cost is roughly: orjson.loads ~30%, field checks ~20%,
+deriving a missing correlation id (uuid5) ~15%, ISO timestamp parsing ~10%, re-serialising
+`properties` ~8%, building the frame ~8%.
 """
 
 from __future__ import annotations

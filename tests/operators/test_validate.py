@@ -11,7 +11,12 @@ import orjson
 import polars as pl
 import pytest
 
-from operators.contracts import CONTRACTS_DIR, ContractRegistry, contract_file_name, register_new
+from operators.contracts import (
+    CONTRACTS_DIR,
+    ContractRegistry,
+    contract_file_name,
+    register_new,
+)
 from operators.model import EVENT_SCHEMA, RawBatch, RawRecord, derive_correlation_id
 from operators.validate import (
     MAX_RECORD_BYTES,
@@ -109,8 +114,8 @@ CASES = [
     ("urn number", event(schema_urn=7), "bad_type",
      "field 'schema_urn' must be a string, got integer 7", FROM_EVENT_ID),
     ("urn unknown", event(schema_urn="urn:nc:events:mobile"), "unknown_schema",
-     "field 'schema_urn': \"urn:nc:events:mobile\" is not a registered contract "
-     "(registered: urn:nc:events:web)", FROM_EVENT_ID),
+     ("field 'schema_urn': \"urn:nc:events:mobile\" is not a registered contract "
+     "(registered: urn:nc:events:web)"), FROM_EVENT_ID),
     ("version absent", event(version=...), "unsupported_version",
      "field 'version' is missing, so no version of urn:nc:events:web can be chosen (registered: 1)",
      FROM_EVENT_ID),
@@ -156,11 +161,11 @@ CASES = [
     ("error.message number", event(error={"message": 5}), "bad_type",
      "field 'error.message' must be a string, got integer 5", FROM_EVENT_ID),
     ("timestamp bool", event(timestamp=True), "bad_type",
-     "field 'timestamp' must be an ISO-8601 timestamp string or an epoch-milliseconds integer, "
-     "got boolean true", FROM_EVENT_ID),
+     ("field 'timestamp' must be an ISO-8601 timestamp string or an epoch-milliseconds integer, "
+     "got boolean true"), FROM_EVENT_ID),
     ("timestamp float", event(timestamp=1714550400123.0), "bad_type",
-     "field 'timestamp' must be an ISO-8601 timestamp string or an epoch-milliseconds integer, "
-     "got number 1714550400123.0", FROM_EVENT_ID),
+     ("field 'timestamp' must be an ISO-8601 timestamp string or an epoch-milliseconds integer, "
+     "got number 1714550400123.0"), FROM_EVENT_ID),
     ("timestamp words", event(timestamp="yesterday"), "bad_timestamp",
      "field 'timestamp' is not an ISO-8601 timestamp: \"yesterday\"", FROM_EVENT_ID),
     ("timestamp month 13", event(timestamp="2024-13-01T00:00:00Z"), "bad_timestamp",
@@ -173,17 +178,17 @@ CASES = [
     ("timestamp date only", event(timestamp="2024-05-01"), "bad_timestamp",
      "field 'timestamp' has no UTC offset (needs 'Z' or '+hh:mm'): \"2024-05-01\"", FROM_EVENT_ID),
     ("timestamp 1969", event(timestamp="1969-12-31T23:59:59.999Z"), "bad_timestamp",
-     "field 'timestamp' is outside 1970-01-01T00:00:00Z..2200-01-01T00:00:00Z: "
-     "\"1969-12-31T23:59:59.999Z\"", FROM_EVENT_ID),
+     ("field 'timestamp' is outside 1970-01-01T00:00:00Z..2200-01-01T00:00:00Z: "
+     "\"1969-12-31T23:59:59.999Z\""), FROM_EVENT_ID),
     ("timestamp 1969 by offset", event(timestamp="1970-01-01T00:30:00+01:00"), "bad_timestamp",
-     "field 'timestamp' is outside 1970-01-01T00:00:00Z..2200-01-01T00:00:00Z: "
-     "\"1970-01-01T00:30:00+01:00\"", FROM_EVENT_ID),
+     ("field 'timestamp' is outside 1970-01-01T00:00:00Z..2200-01-01T00:00:00Z: "
+     "\"1970-01-01T00:30:00+01:00\""), FROM_EVENT_ID),
     ("timestamp 2200", event(timestamp="2200-01-01T00:00:00Z"), "bad_timestamp",
-     "field 'timestamp' is outside 1970-01-01T00:00:00Z..2200-01-01T00:00:00Z: "
-     "\"2200-01-01T00:00:00Z\"", FROM_EVENT_ID),
+     ("field 'timestamp' is outside 1970-01-01T00:00:00Z..2200-01-01T00:00:00Z: "
+     "\"2200-01-01T00:00:00Z\""), FROM_EVENT_ID),
     ("timestamp year 1", event(timestamp="0001-01-01T00:00:00+02:00"), "bad_timestamp",
-     "field 'timestamp' is outside 1970-01-01T00:00:00Z..2200-01-01T00:00:00Z: "
-     "\"0001-01-01T00:00:00+02:00\"", FROM_EVENT_ID),
+     ("field 'timestamp' is outside 1970-01-01T00:00:00Z..2200-01-01T00:00:00Z: "
+     "\"0001-01-01T00:00:00+02:00\""), FROM_EVENT_ID),
     ("epoch negative", event(timestamp=-1), "bad_timestamp",
      "field 'timestamp' is outside 1970-01-01T00:00:00Z..2200-01-01T00:00:00Z: -1", FROM_EVENT_ID),
     ("epoch 2200", event(timestamp=7_258_118_400_000), "bad_timestamp",
