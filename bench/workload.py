@@ -24,7 +24,8 @@ bytes, on any machine):
   session is a handful of events a few seconds to minutes apart, starting with a page view; about 10%
   of sessions have one pause longer than 30 minutes, so sessionization splits them.
 * Event types: mostly `pageview`, then `click`, some `error`/`exception` (with `error.message` and
-  `error.stack`), a few `signup` and `purchase`.
+  `error.stack`), a few `signup` and `purchase`. `exception` events come from the backend and carry
+  no `ip`/`user_agent`; about a quarter of all events carry their own `correlation_id`.
 * Order: each event reaches the stream after a small delay (up to `max_disorder_s`, 20 s by default),
   so event time is "mostly increasing"; a `late_fraction` of events is delayed by 2 to 60 minutes.
   (Late events still buffered when `n` records have been written are not emitted.)
