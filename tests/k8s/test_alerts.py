@@ -146,3 +146,10 @@ def test_every_alert_is_annotated_and_links_into_the_runbook() -> None:
         path, _, anchor = annotations["runbook_url"].partition("#")
         assert path == "docs/runbook.md", rule["alert"]
         assert anchor in anchors, (rule["alert"], anchor)
+
+
+def test_runbook_links_to_its_own_sections_resolve() -> None:
+    text = RUNBOOK.read_text()
+    anchors = github_anchors(text)
+    for anchor in re.findall(r"\]\(#([^)]+)\)", text):
+        assert anchor in anchors, anchor
