@@ -69,7 +69,9 @@ def test_prometheus_exposes_every_name_after_one_observation_each() -> None:
             assert name in series, name
 
     assert series["pipeline_events_in_total"] == {(("stream", "raw"),): 5}
-    assert series["pipeline_events_out_total"] == {(("sink", "postgres"), ("stream", "enriched")): 4}
+    assert series["pipeline_events_out_total"] == {
+        (("sink", "postgres"), ("stream", "enriched")): 4
+    }
     assert series["pipeline_dlq_records_total"] == {(("reason", "bad_timestamp"),): 1}
     assert series["pipeline_late_events_total"] == {(): 2}
     assert series["pipeline_consumer_lag"] == {(("partition", "3"), ("topic", "events.raw")): 120}

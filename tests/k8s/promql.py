@@ -49,7 +49,9 @@ _RANGE = re.compile(r"\[[^\[\]]*\]")
 _LABEL_LIST = re.compile(
     r"\b(by|without|on|ignoring|group_left|group_right)\s*\(([^()]*)\)", re.IGNORECASE
 )
-_AT_MODIFIER = re.compile(r"@\s*(?:start\s*\(\s*\)|end\s*\(\s*\)|[-+]?[\d.]+(?:e[-+]?\d+)?)", re.I)
+_AT_MODIFIER = re.compile(
+    r"@\s*(?:start\s*\(\s*\)|end\s*\(\s*\)|[-+]?[\d.]+(?:e[-+]?\d+)?)", re.IGNORECASE
+)
 # A name must not continue a number, a duration or another word: `5m`, `1e3`, `0x1f`.
 _IDENT = re.compile(r"(?<![\w.:])([a-zA-Z_:][a-zA-Z0-9_:]*)(\s*\()?")
 
@@ -64,9 +66,8 @@ def _check_balanced(expr: str, original: str) -> None:
     for char in expr:
         if char in "([{":
             stack.append(char)
-        elif char in pairs:
-            if not stack or stack.pop() != pairs[char]:
-                raise PromQLError(f"unbalanced {char!r} in {original!r}")
+        elif char in pairs and (not stack or stack.pop() != pairs[char]):
+            raise PromQLError(f"unbalanced {char!r} in {original!r}")
     if stack:
         raise PromQLError(f"unclosed {stack[-1]!r} in {original!r}")
 

@@ -50,7 +50,10 @@ def github_anchors(markdown: str) -> set[str]:
             'sum by (sink, le) (rate(pipeline_end_to_sink_latency_seconds_bucket{sink=~"s3|pg"}[5m]))',
             {"pipeline_end_to_sink_latency_seconds_bucket"},
         ),
-        ("sum(rate(a_total[5m])) by (reason) / ignoring(reason) group_left sum(b)", {"a_total", "b"}),
+        (
+            "sum(rate(a_total[5m])) by (reason) / ignoring(reason) group_left sum(b)",
+            {"a_total", "b"},
+        ),
         ("deriv(sum by (topic) (lag)[15m:1m]) > 0 and on (topic) lag > 1000", {"lag"}),
         ("rate(x[5m] offset 1h) > bool 2", {"x"}),
         ('count_values without (instance) ("version", build_info)', {"build_info"}),
@@ -84,12 +87,11 @@ def test_exported_names_come_from_the_prometheus_implementation() -> None:
 
 
 def test_a_rule_naming_a_missing_metric_is_detected() -> None:
-    assert unknown_names("increase(pipeline_missing_metric[5m]) > 0") == {
-        "pipeline_missing_metric"
-    }
-    assert unknown_names(
-        "histogram_quantile(0.9, sum by (le) (rate(pipeline_batch_size_bucket[5m])))"
-    ) == set()
+    assert unknown_names("increase(pipeline_missing_metric[5m]) > 0") == {"pipeline_missing_metric"}
+    assert (
+        unknown_names("histogram_quantile(0.9, sum by (le) (rate(pipeline_batch_size_bucket[5m])))")
+        == set()
+    )
     # A suffix is only stripped from a histogram's own series.
     assert unknown_names("pipeline_consumer_lag_count") == {"pipeline_consumer_lag_count"}
     assert unknown_names("pipeline_events_in") == {"pipeline_events_in"}  # counters end in _total

@@ -156,9 +156,10 @@ def test_hostfile_lists_every_process_of_the_statefulset() -> None:
     assert service["spec"]["clusterIP"] == "None"
     assert service["spec"]["publishNotReadyAddresses"] is True
     assert statefulset["spec"]["serviceName"] == service["metadata"]["name"]
-    assert service["spec"]["selector"].items() <= statefulset["spec"]["template"]["metadata"][
-        "labels"
-    ].items()
+    assert (
+        service["spec"]["selector"].items()
+        <= statefulset["spec"]["template"]["metadata"]["labels"].items()
+    )
     assert statefulset["spec"]["podManagementPolicy"] == "Parallel"
 
     assert init["BYTEWAX_REPLICAS"]["value"] == str(statefulset["spec"]["replicas"])
@@ -193,7 +194,11 @@ def test_hostfile_script_writes_the_addresses(tmp_path: Path) -> None:
     init = containers()["init-hostfile"]
     script = init["args"][0].replace("/etc/bytewax", str(tmp_path))
     env = {k: v["value"] for k, v in env_of(init).items() if "value" in v}
-    env |= {"BYTEWAX_POD_NAME": "event-pipeline-1", "POD_NAMESPACE": "prod", "PATH": os.environ["PATH"]}
+    env |= {
+        "BYTEWAX_POD_NAME": "event-pipeline-1",
+        "POD_NAMESPACE": "prod",
+        "PATH": os.environ["PATH"],
+    }
     subprocess.run(["sh", "-c", script], env=env, check=True, capture_output=True)
     replicas = int(env["BYTEWAX_REPLICAS"])
     assert (tmp_path / "hostfile.txt").read_text().splitlines() == [
@@ -201,7 +206,9 @@ def test_hostfile_script_writes_the_addresses(tmp_path: Path) -> None:
     ]
     # A pod beyond the hostfile (replicas changed without BYTEWAX_REPLICAS) refuses to start.
     env["BYTEWAX_POD_NAME"] = f"event-pipeline-{replicas}"
-    result = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True)
+    result = subprocess.run(
+        ["sh", "-c", script], env=env, capture_output=True, text=True, check=False
+    )
     assert result.returncode == 1 and "BYTEWAX_REPLICAS" in result.stderr
 
 
@@ -241,7 +248,9 @@ def test_recovery_init_script_only_initialises_an_empty_directory(tmp_path: Path
             "BYTEWAX_RECOVERY_DIRECTORY": str(directory),
             "RECOVERY_PARTITIONS": env_of(init)["RECOVERY_PARTITIONS"]["value"],
         }
-        return subprocess.run(["sh", "-c", init["args"][0]], env=env, capture_output=True, text=True)
+        return subprocess.run(
+            ["sh", "-c", init["args"][0]], env=env, capture_output=True, text=True, check=False
+        )
 
     partitions = int(env_of(init)["RECOVERY_PARTITIONS"]["value"])
     fresh = tmp_path / "fresh"
@@ -354,7 +363,7 @@ def test_kustomization_lists_every_manifest_but_the_examples() -> None:
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
 def test_kustomize_build_renders_valid_manifests() -> None:
     result = subprocess.run(
-        ["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, timeout=120
+        ["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, timeout=120, check=False
     )
     assert result.returncode == 0, result.stderr
     rendered = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
