@@ -174,7 +174,8 @@ def chunks(batch: Batch, size: int) -> list[Batch]:
     return [batch[i : i + size] for i in range(0, n, size)]
 
 
-_SOURCE = re.compile(r"^(.*)[/:](\d+)$")
+SOURCE_PATTERN = r"^(.*)[/:](\d+)$"  # "<partition>/<offset>" or "<file>:<line>"
+_SOURCE = re.compile(SOURCE_PATTERN)
 
 
 def split_source(source: str) -> tuple[str, int | None]:

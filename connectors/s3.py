@@ -51,7 +51,7 @@ import polars as pl
 from botocore.exceptions import BotoCoreError, ClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from connectors.base import Batch, Rejected, SinkWriter, TransientSinkError, split_source
+from connectors.base import SOURCE_PATTERN, Batch, Rejected, SinkWriter, TransientSinkError
 from dataflows.config import Settings
 from operators.model import ENRICHED_SCHEMA, as_dicts
 
@@ -120,15 +120,14 @@ def partition_label(partition: str) -> str:
 def object_groups(frame: pl.DataFrame, prefix: str = "") -> list[tuple[str, pl.DataFrame]]:
     """(key, rows) per object of a batch of events: one per (tenant, date, hour, source
     partition), named after the lowest and highest source offsets of its rows."""
-    parts = frame["source"].map_elements(
-        lambda s: split_source(s)[0], return_dtype=pl.String, skip_nulls=False
-    )
-    offsets = frame["source"].map_elements(
-        lambda s: split_source(s)[1], return_dtype=pl.Int64, skip_nulls=False
-    )
+    source = pl.col("source").fill_null("")
     keyed = frame.with_columns(
-        parts.alias("_part"),
-        offsets.alias("_offset"),
+        # as connectors.base.split_source, over the whole column
+        pl.when(source.str.contains(SOURCE_PATTERN))
+        .then(source.str.extract(SOURCE_PATTERN, 1))
+        .otherwise(source)
+        .alias("_part"),
+        source.str.extract(SOURCE_PATTERN, 2).cast(pl.Int64).alias("_offset"),
         pl.col("timestamp").dt.strftime("%Y-%m-%d").alias("_date"),
         pl.col("timestamp").dt.strftime("%H").alias("_hour"),
     )
