@@ -204,10 +204,13 @@ class JsonLinesDeadLetters:
 
     def __call__(self, records: list[dict]) -> None:
         data = b"".join(orjson.dumps(r) + b"\n" for r in records)
-        with self._lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("ab") as handle:
-                handle.write(data)
+        try:
+            with self._lock:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                with self.path.open("ab") as handle:
+                    handle.write(data)
+        except OSError as exc:  # a full or read-only disk: hold on and retry, never drop
+            raise TransientSinkError(f"appending to {self.path}: {exc}") from exc
 
 
 class FanOutDeadLetters:
