@@ -19,7 +19,8 @@ A write is one transaction: COPY (CSV, serialized by polars) into a temporary ta
 starting, serialization failures, out of resources) raise `TransientSinkError`; the base retries.
 Data errors (classes 22, 23, 54: bad encoding, NUL bytes, invalid JSON, NOT NULL, oversized keys)
 are permanent: the batch is bisected until the failing rows are isolated, which are returned as
-rejected with the server's message; every other row is written.
+rejected with the server's message; every other row is written. A missing schema or table (the
+database was reset, a table dropped) re-runs the migrations before the retry.
 
 Maintenance: `python -m connectors.postgres migrate` and
 `python -m connectors.postgres retention --days 30` (see docs/runbook.md).
@@ -95,6 +96,11 @@ def is_transient(exc: BaseException) -> bool:
 def is_permanent(exc: BaseException) -> bool:
     state = getattr(exc, "sqlstate", None)
     return state is not None and state[:2] in _PERMANENT_CLASSES and not _is_missing_partition(exc)
+
+
+# The schema or a table is gone (the database was reset or a table dropped while running): run
+# the migrations again, then retry.
+_MISSING_OBJECT_CODES = ("3F000", "42P01")
 
 
 def _is_missing_partition(exc: BaseException) -> bool:
@@ -431,6 +437,7 @@ class PostgresSink(SinkWriter):
         self._conn: psycopg.Connection | None = None
         self._known_days: set[date] = set()
         self._native: bool | None = None
+        self._needs_setup = False
         s = sql.Identifier(self._schema)
         cols = sql.SQL(", ").join(sql.Identifier(c) for c in self._table.columns)
         self._stage = sql.Identifier(f"_stage_{table}")
@@ -485,6 +492,9 @@ class PostgresSink(SinkWriter):
             conn.close()
 
     def write(self, batch: Batch) -> list[Rejected]:
+        if self._needs_setup:
+            self.setup()
+            self._needs_setup = False
         frame = csv_frame(batch, list(self._table.columns))
         try:
             conn = self._connection()
@@ -492,6 +502,15 @@ class PostgresSink(SinkWriter):
                 self._ensure_days(conn, frame)
             return self._write_range(conn, batch, frame, 0, frame.height)
         except psycopg.Error as exc:
+            if exc.sqlstate in _MISSING_OBJECT_CODES:
+                log.error(
+                    "postgres: %s is missing (%s); running the migrations again",
+                    self._table.name, str(exc).splitlines()[0],
+                )
+                self._needs_setup = True
+                self._known_days.clear()
+                self._native = None
+                raise self._transient(exc, f"writing {self._table.name}") from exc
             if is_transient(exc):
                 raise self._transient(exc, f"writing {self._table.name}") from exc
             raise

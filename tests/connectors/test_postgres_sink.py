@@ -250,3 +250,15 @@ def test_server_stopped_mid_write_loses_and_duplicates_nothing(pg, unique):
     with postgres.sink_connection(settings) as fresh:
         ids = [r[0] for r in select(fresh, unique, "SELECT event_id FROM {s}.events ORDER BY 1")]
     assert ids == [f"ev-{i:06d}" for i in range(600)]
+
+
+@pytest.mark.servers
+def test_a_schema_dropped_while_running_is_migrated_again(pg, unique):
+    settings, conn = pg
+    driver = Driver(lambda: PostgresSink(settings, "events"))
+    driver.epoch(events(0, 10))
+    conn.execute(f'DROP SCHEMA "{unique}" CASCADE')  # the database was reset under the sink
+    driver.epoch(events(10, 10))
+    driver.close()
+    assert driver.sink.stats.retries >= 1
+    assert [r["event_id"] for r in event_rows(conn, unique)] == [f"ev-{i:06d}" for i in range(10, 20)]
