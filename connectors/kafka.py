@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -234,7 +235,9 @@ class _KafkaPartition(StatefulSourcePartition[RawBatch, int]):
             try:
                 self._consumer.commit(offsets=[tp], asynchronous=False)
             except KafkaException as exc:
-                logger.warning("kafka source %s: final offset commit failed: %s", self._label, exc)
+                logger.warning(
+                    "kafka source %s: final offset commit failed: %s", self._label, exc
+                )
         self._consumer.close()
 
 
@@ -277,26 +280,104 @@ class KafkaBatchSource(FixedPartitionedSource[RawBatch, int]):
 
 
 # --- sink ------------------------------------------------------------------------------------
+#
+# Exactly-once into Kafka. Each sink partition owns one transactional producer (a stable
+# `transactional.id`, so a restarted run fences its predecessor) and commits one transaction per
+# epoch, in `snapshot()`. Bytewax persists the snapshot only after `snapshot()` returns, so a crash
+# can land between the Kafka commit and the snapshot: the resumed run then replays an epoch whose
+# output is already committed. To not write it twice, the snapshot records where this partition's
+# committed output ends (`tail_from`), every record carries headers naming its sink partition and
+# identity, and a resumed partition first reads back what it committed after `tail_from`
+# (`ReplayLedger`) and skips those records. Rows that carry a `revision` (windows, sessions) can be
+# re-emitted with other totals after a replay; they are compared by content and re-numbered above
+# what was committed, so revisions stay unique and increasing. The protocol is in
+# docs/exactly-once.md.
 
 Rows = pl.DataFrame | list[dict]
+SINK_HEADER = "pipeline-sink"
+ID_HEADER = "pipeline-id"
 
 
-def encode_rows(rows: Rows, key_of) -> list[tuple[bytes, bytes]]:
-    """(key, JSON value) per row; datetimes as ISO-8601 UTC strings."""
-    return [(key_of(row).encode(), orjson.dumps(row)) for row in as_dicts(rows)]
+@dataclass(frozen=True)
+class StreamFormat:
+    """How a stream's rows become Kafka records."""
+
+    key: Callable[[dict], str]  # message key (compaction, partitioning)
+    identity: Callable[
+        [dict], str
+    ]  # the same output after a replay has the same identity
+    revisioned: bool = (
+        False  # rows carry `revision` and are corrected by later revisions
+    )
 
 
-class _TransactionalPartition(StatefulSinkPartition[Rows, None]):
-    """One transactional producer; everything written in an epoch commits at the epoch's end.
+def _fingerprint(row: dict) -> bytes:
+    return orjson.dumps(
+        {k: v for k, v in row.items() if k != "revision"}, option=orjson.OPT_SORT_KEYS
+    )
 
-    A stable `transactional.id` fences a zombie producer of a previous run. While the broker is
-    unreachable, produce blocks (backpressure) and librdkafka retries; a transaction that cannot
-    commit raises, so the run stops and resumes from its last snapshot instead of losing records.
+
+@dataclass
+class ReplayLedger:
+    """What a sink partition committed after its last persisted snapshot, to skip on replay."""
+
+    revisioned: bool
+    committed: dict[str, set[bytes]] = field(
+        default_factory=dict
+    )  # identity → fingerprints
+    floors: dict[str, int] = field(
+        default_factory=dict
+    )  # identity → highest revision written
+
+    def record(self, identity: str, row: dict | None) -> None:
+        seen = self.committed.setdefault(identity, set())
+        if self.revisioned and row is not None:
+            seen.add(_fingerprint(row))
+            self.floors[identity] = max(self.floors.get(identity, -1), row["revision"])
+
+    def admit(self, identity: str, row: dict) -> dict | None:
+        """The row to write (maybe re-numbered), or None when it is already committed."""
+        seen = self.committed.get(identity)
+        if not self.revisioned:
+            return None if seen is not None else row
+        if seen is not None and _fingerprint(row) in seen:
+            return None
+        floor = self.floors.get(identity)
+        if floor is None:
+            return row
+        if row["revision"] <= floor:
+            row = {**row, "revision": floor + 1}
+        self.floors[identity] = row["revision"]
+        return row
+
+
+@dataclass(frozen=True)
+class SinkState:
+    tail_from: dict[
+        int, int
+    ]  # topic partition → offset after this partition's committed output
+    floors: dict[str, int]  # revision floors still in force after a replay
+
+
+class _TransactionalPartition(StatefulSinkPartition[Rows, SinkState]):
+    """One transactional producer; what is written in an epoch commits at the epoch's end.
+
+    While the broker is unreachable, produce blocks (backpressure) and librdkafka retries; a
+    transaction that cannot commit raises, so the run stops and resumes from its last snapshot
+    instead of losing records.
     """
 
-    def __init__(self, settings: Settings, topic: str, transactional_id: str, key_of):
+    def __init__(
+        self,
+        settings: Settings,
+        topic: str,
+        transactional_id: str,
+        fmt: StreamFormat,
+        resume: SinkState | None,
+    ):
         self._topic = topic
-        self._key_of = key_of
+        self._format = fmt
+        self._id = transactional_id
         self._producer = producer(
             settings,
             transactional_id=transactional_id,
@@ -307,60 +388,150 @@ class _TransactionalPartition(StatefulSinkPartition[Rows, None]):
                 "message.timeout.ms": 590_000,
             },
         )
-        self._producer.init_transactions(60)
+        self._producer.init_transactions(
+            60
+        )  # fences (and aborts) a predecessor's transaction
+        self._delivered: dict[int, int] = {}
         self._open = False
+        if resume is None:
+            # Nothing of ours is committed yet. The first epoch's transaction stays open until the
+            # second snapshot, so a crash before the first snapshot is persisted loses nothing.
+            self._tail_from = _end_offsets(settings, topic)
+            self._ledger = ReplayLedger(fmt.revisioned)
+            self._hold_first_commit = True
+        else:
+            self._tail_from = dict(resume.tail_from)
+            self._ledger = _read_committed_tail(
+                settings, topic, transactional_id, self._tail_from, fmt, resume.floors
+            )
+            self._hold_first_commit = False
 
     def write_batch(self, items: list[Rows]) -> None:
         if not self._open:
             self._producer.begin_transaction()
             self._open = True
+        identity = self._format.identity
         for rows in items:
-            for key, value in encode_rows(rows, self._key_of):
-                self._produce(key, value)
+            for row in as_dicts(rows):
+                row_id = identity(row)
+                admitted = self._ledger.admit(row_id, row)
+                if admitted is not None:
+                    self._produce(
+                        self._format.key(admitted), orjson.dumps(admitted), row_id
+                    )
         self._producer.poll(0)
 
-    def _produce(self, key: bytes, value: bytes) -> None:
+    def _produce(self, key: str, value: bytes, row_id: str) -> None:
+        headers = [(SINK_HEADER, self._id), (ID_HEADER, row_id)]
         while True:
             try:
                 self._producer.produce(
-                    self._topic, value, key, on_delivery=_raise_on_failure
+                    self._topic,
+                    value,
+                    key.encode(),
+                    headers=headers,
+                    on_delivery=self._delivery,
                 )
                 return
             except BufferError:  # local queue full: wait for the broker (backpressure)
                 self._producer.poll(0.1)
 
-    def snapshot(self) -> None:
-        self._commit()
+    def _delivery(self, error, message) -> None:
+        if error is not None:
+            raise KafkaException(error)
+        partition, offset = message.partition(), message.offset()
+        if offset >= self._delivered.get(partition, -1):
+            self._delivered[partition] = offset
+
+    def snapshot(self) -> SinkState:
+        if self._hold_first_commit:
+            self._hold_first_commit = False
+        else:
+            self._commit()
+        return SinkState(dict(self._tail_from), dict(self._ledger.floors))
 
     def close(self) -> None:
         self._commit()
 
     def _commit(self) -> None:
-        if self._open:
-            self._producer.commit_transaction(600)
-            self._open = False
+        if not self._open:
+            return
+        self._producer.flush()
+        self._producer.commit_transaction(600)
+        self._open = False
+        for partition, offset in self._delivered.items():
+            self._tail_from[partition] = offset + 1
 
 
-def _raise_on_failure(error, message) -> None:
-    if error is not None:
-        raise KafkaException(error)
+def _end_offsets(settings: Settings, topic: str) -> dict[int, int]:
+    probe = consumer(settings, group_id=f"{settings.kafka_consumer_group}.sink-probe")
+    try:
+        partitions = probe.list_topics(topic, timeout=30).topics[topic].partitions
+        return {
+            p: probe.get_watermark_offsets(TopicPartition(topic, p), timeout=30)[1]
+            for p in partitions
+        }
+    finally:
+        probe.close()
 
 
-class KafkaStreamSink(FixedPartitionedSink[Rows, None]):
-    """A pipeline stream into a Kafka topic, one transaction per epoch per sink partition."""
+def _read_committed_tail(
+    settings: Settings,
+    topic: str,
+    transactional_id: str,
+    tail_from: dict[int, int],
+    fmt: StreamFormat,
+    floors: dict[str, int],
+) -> ReplayLedger:
+    """Everything this sink partition committed at or after `tail_from` (read_committed)."""
+    ledger = ReplayLedger(fmt.revisioned, floors=dict(floors))
+    reader = consumer(
+        settings,
+        group_id=f"{settings.kafka_consumer_group}.sink-replay",
+        **{"enable.partition.eof": True},
+    )
+    try:
+        partitions = reader.list_topics(topic, timeout=30).topics[topic].partitions
+        starts = {p: tail_from.get(p, OFFSET_BEGINNING) for p in partitions}
+        reader.assign(
+            [TopicPartition(topic, p, offset) for p, offset in starts.items()]
+        )
+        ended: set[int] = set()
+        while len(ended) < len(starts):
+            for message in reader.consume(10_000, 1.0):
+                error = message.error()
+                if error is not None:
+                    if error.code() == KafkaError._PARTITION_EOF:
+                        ended.add(message.partition())
+                        continue
+                    raise KafkaException(error)
+                headers = dict(message.headers() or ())
+                if headers.get(SINK_HEADER, b"").decode() != transactional_id:
+                    continue
+                row = orjson.loads(message.value()) if fmt.revisioned else None
+                ledger.record(headers[ID_HEADER].decode(), row)
+    finally:
+        reader.close()
+    return ledger
 
-    def __init__(self, settings: Settings, stream: str, topic: str, key_of, parts: int):
+
+class KafkaStreamSink(FixedPartitionedSink[Rows, SinkState]):
+    """A pipeline stream into a Kafka topic, exactly once: one transaction per epoch per part."""
+
+    def __init__(
+        self, settings: Settings, stream: str, topic: str, fmt: StreamFormat, parts: int
+    ):
         self._settings = settings
         self._stream = stream
         self._topic = topic
-        self._key_of = key_of
+        self._format = fmt
         self._parts = parts
 
     def list_parts(self) -> list[str]:
         return [f"{self._stream}-{i}" for i in range(self._parts)]
 
-    def build_part(self, step_id: str, for_part: str, resume_state: None):
+    def build_part(self, step_id: str, for_part: str, resume_state: SinkState | None):
         transactional_id = f"{self._settings.kafka_consumer_group}.{for_part}"
         return _TransactionalPartition(
-            self._settings, self._topic, transactional_id, self._key_of
+            self._settings, self._topic, transactional_id, self._format, resume_state
         )

@@ -19,7 +19,7 @@ from connectors.base import (
     StoreSink,
 )
 from connectors.files import DirectorySink, RunSummary
-from connectors.kafka import KafkaStreamSink
+from connectors.kafka import KafkaStreamSink, StreamFormat
 from connectors.opensearch import OpenSearchSink
 from connectors.postgres import PostgresSink
 from connectors.redis import RedisAggregatesSink
@@ -39,15 +39,28 @@ class Outputs:
     dlq: Stream[tuple[str, list[dict]]]
 
 
-# Kafka message key per stream: aggregates are compactable per window.
-KAFKA_KEYS = {
-    "enriched": lambda row: row["event_id"],
-    "aggregates": lambda row: (
-        f"{row['tenant']}|{row['event_type']}|{row['window']}|{row['window_start']}"
+def _window_key(row: dict) -> str:
+    return f"{row['tenant']}|{row['event_type']}|{row['window']}|{row['window_start']}"
+
+
+def _session_key(row: dict) -> str:
+    return f"{row['session_id']}|{row['start']}"
+
+
+def _source(row: dict) -> str:
+    return row["source"]
+
+
+# Kafka record key and replay identity per stream; aggregates are compactable per window.
+KAFKA_FORMATS = {
+    "enriched": StreamFormat(key=lambda row: row["event_id"], identity=_source),
+    "aggregates": StreamFormat(key=_window_key, identity=_window_key, revisioned=True),
+    "sessions": StreamFormat(key=_session_key, identity=_session_key, revisioned=True),
+    "late": StreamFormat(key=lambda row: row["event_id"], identity=_source),
+    "dlq": StreamFormat(
+        key=lambda row: row["correlation_id"],
+        identity=lambda row: f"{row['stage']}|{row['source']}",
     ),
-    "sessions": lambda row: f"{row['session_id']}|{row['start']}",
-    "late": lambda row: row["event_id"],
-    "dlq": lambda row: row["correlation_id"],
 }
 
 
@@ -108,7 +121,7 @@ def kafka_dead_letters(settings: Settings) -> DeadLetters | None:
     """Hook for Kafka: a writer of `sink_failed` records to `KAFKA_TOPIC_DLQ`.
 
     Contract: return a callable taking a list of DLQ records that returns only once the broker has
-    acknowledged every one of them (keyed like the `dlq` stream, `KAFKA_KEYS["dlq"]`), and raises
+    acknowledged every one of them (keyed like the `dlq` stream, `KAFKA_FORMATS["dlq"].key`), and raises
     `connectors.base.TransientSinkError` while it cannot (the sink base then retries with backoff).
     The records are written from inside a store sink's flush, outside the Kafka stream sink's
     epoch transactions. Not provided yet: returns None.
@@ -122,7 +135,9 @@ def attach_sinks(outputs: Outputs, settings: Settings) -> None:
         summary = RunSummary(settings.pipeline_output_dir, list(streams))
         for name, stream in streams.items():
             op.output(
-                f"local_{name}", stream, DirectorySink(settings.pipeline_output_dir, name, summary)
+                f"local_{name}",
+                stream,
+                DirectorySink(settings.pipeline_output_dir, name, summary),
             )
     if "kafka" in settings.sinks:
         for name, stream in streams.items():
@@ -130,7 +145,7 @@ def attach_sinks(outputs: Outputs, settings: Settings) -> None:
                 settings,
                 name,
                 kafka_topic(settings, name),
-                KAFKA_KEYS[name],
+                KAFKA_FORMATS[name],
                 parts=settings.pipeline_state_shards,
             )
             op.output(f"kafka_{name}", stream, sink)
