@@ -19,7 +19,7 @@ from bytewax.dataflow import Dataflow
 
 from dataflows.config import Settings
 from dataflows.outputs import Outputs, attach_sinks
-from dataflows.steps import Enrich, Validate, input_source
+from dataflows.steps import Enrich, Validate, input_source, start_operations
 from operators.sessions import SessionState
 from operators.stateful import GateConfig, event_time_gate, sharded_state
 from operators.windows import WindowState
@@ -71,4 +71,6 @@ def build(settings: Settings) -> Dataflow:
     return flow
 
 
-flow = build(Settings())
+settings = Settings()
+start_operations(settings)  # JSON logs on stderr, /metrics on METRICS_PORT (once per process)
+flow = build(settings)

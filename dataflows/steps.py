@@ -2,14 +2,38 @@
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
+
 from bytewax.inputs import Source
 
 from connectors.files import JsonLinesSource
+from dataflows import metrics
 from dataflows.config import Settings
+from dataflows.logging import configure
 from operators.contracts import default_registry
 from operators.enrich import Enricher
-from operators.model import EventBatch, RawBatch
+from operators.model import DlqReason, EventBatch, RawBatch
 from operators.validate import decode_batch
+
+log = logging.getLogger(__name__)
+
+#: The `stream` label of `pipeline_events_in_total`: what the input hands over.
+INPUT_STREAM = "raw"
+
+
+def start_operations(settings: Settings) -> None:
+    """JSON logs on stderr and the metrics endpoint; once per process, before the flow is built.
+
+    Counters are created at zero for every DLQ reason, so that `increase()` in the alerts sees
+    the first rejection of a reason (a series that starts at 1 has no increase).
+    """
+    configure(settings=settings)
+    m = metrics.get()
+    m.events_in(INPUT_STREAM, 0)
+    m.late_events(0)
+    for reason in DlqReason:
+        m.dlq_records(reason.value, 0)
 
 
 def input_source(settings: Settings) -> Source[RawBatch]:
@@ -20,6 +44,35 @@ def input_source(settings: Settings) -> Source[RawBatch]:
     return KafkaBatchSource(settings)
 
 
+def count_dead_letters(step: str, partition: str, records: list[dict]) -> None:
+    """Count one batch's DLQ records by reason; log the batch at INFO and each record at DEBUG."""
+    reasons = Counter(record["reason"] for record in records)
+    m = metrics.get()
+    for reason, count in reasons.items():
+        m.dlq_records(reason, count)
+    log.info(
+        "%s: %d records to the DLQ",
+        step,
+        len(records),
+        extra={
+            "step": step,
+            "partition": partition,
+            "reasons": dict(reasons),
+            "correlation_ids": [record["correlation_id"] for record in records[:10]],
+        },
+    )
+    if log.isEnabledFor(logging.DEBUG):
+        for record in records:
+            log.debug(
+                "%s: %s rejected (%s): %s",
+                step,
+                record["source"],
+                record["reason"],
+                record["error"],
+                extra={"correlation_id": record["correlation_id"], "reason": record["reason"]},
+            )
+
+
 class Validate:
     """Decode and validate a raw batch against the contract registry."""
 
@@ -27,7 +80,13 @@ class Validate:
         self._registry = default_registry()
 
     def __call__(self, batch: RawBatch) -> EventBatch:
-        return decode_batch(batch, self._registry)
+        checked = decode_batch(batch, self._registry)
+        m = metrics.get()
+        m.events_in(INPUT_STREAM, len(batch.records))
+        m.batch_size("validate", len(batch.records))
+        if checked.dlq:
+            count_dead_letters("validate", batch.partition, checked.dlq)
+        return checked
 
 
 class Enrich:
@@ -41,4 +100,7 @@ class Enrich:
         if self._enricher is None:
             self._enricher = Enricher(self._settings)
         events, failed = self._enricher.enrich(batch.events)
+        metrics.get().batch_size("enrich", batch.events.height)
+        if failed:
+            count_dead_letters("enrich", batch.partition, failed)
         return EventBatch(batch.partition, events, batch.dlq + failed)
