@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import polars as pl
 
@@ -73,6 +74,12 @@ class SessionState:
     deadlines: list[tuple[int, str]] = field(default_factory=list)
     horizon_ms: int = -(2**62)
     dropped_events: int = 0
+
+    state_kind: ClassVar[str] = "open_sessions"
+
+    def state_size(self) -> int:
+        """Session ids held: sessions still open and closed ones kept for late corrections."""
+        return len(self.sessions)
 
     def apply(self, partition: str, watermark_ms: int, partials: pl.DataFrame | None) -> list[dict]:
         if partials is not None:

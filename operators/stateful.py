@@ -8,6 +8,9 @@ one state machine (windows or sessions) per shard key and emits the rows it prod
 from __future__ import annotations
 
 import pickle
+import threading
+import time
+import weakref
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Protocol
@@ -17,7 +20,8 @@ import polars as pl
 from bytewax.dataflow import Stream, operator
 from bytewax.operators import StatefulBatchLogic
 
-from operators.event_time import ClockState, PartitionClock
+from dataflows import metrics
+from operators.event_time import END_WATERMARK, NO_WATERMARK, ClockState, PartitionClock
 from operators.model import EventBatch
 from operators.sessions import session_partials
 from operators.sharding import ShardInput, shard_key
@@ -53,21 +57,38 @@ class _EventTimeLogic(StatefulBatchLogic[EventBatch, tuple, ClockState]):
 
     def on_batch(self, batches: list[EventBatch]):
         out: list[tuple] = []
+        late_count = 0
         for batch in batches:
             self._clock.state.partition = batch.partition
             late = self._clock.observe(batch.events)
-            if late.any():
+            late_here = int(late.sum())
+            if late_here:
+                late_count += late_here
                 out.append(("late", (batch.partition, batch.events.filter(late))))
             counted = (
                 batch.events if self._config.count_late else batch.events.filter(~late)
             )
             out.extend(self._to_shards(counted))
+        m = metrics.get()
+        if late_count:
+            m.late_events(late_count)
+        self._report_lag(m)
         return out, StatefulBatchLogic.RETAIN
 
     def on_notify(self):
-        if self._clock.state.partition and self._clock.advance_if_idle():
+        if not self._clock.state.partition:
+            return (), StatefulBatchLogic.RETAIN
+        advanced = self._clock.advance_if_idle()
+        self._report_lag(metrics.get())
+        if advanced:
             return self._to_shards(None), StatefulBatchLogic.RETAIN
         return (), StatefulBatchLogic.RETAIN
+
+    def _report_lag(self, m: metrics.Metrics) -> None:
+        """`pipeline_event_time_lag_seconds`: wall clock minus this partition's watermark."""
+        watermark = self._clock.watermark_ms
+        if NO_WATERMARK < watermark < END_WATERMARK:
+            m.event_time_lag(self._clock.state.partition, time.time() - watermark / 1000)
 
     def notify_at(self) -> datetime:
         return datetime.fromtimestamp(self._clock.idle_deadline(), UTC)
@@ -124,8 +145,32 @@ def event_time_gate(
 
 
 class ShardState(Protocol):
+    state_kind: str  # the `kind` label of `pipeline_state_size`
+
     def apply(self, partition: str, watermark_ms: int, partials) -> list[dict]: ...
     def flush(self) -> list[dict]: ...
+    def state_size(self) -> int: ...
+
+
+class _StateSizes:
+    """The state size of every shard in this process, summed per kind for `pipeline_state_size`.
+
+    Each shard reports its own size after a batch; the gauge is set to the sum over the shards
+    alive in this process (a shard whose logic is gone drops out).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sizes: dict[str, weakref.WeakKeyDictionary[object, int]] = {}
+
+    def report(self, kind: str, shard: object, size: int) -> int:
+        with self._lock:
+            sizes = self._sizes.setdefault(kind, weakref.WeakKeyDictionary())
+            sizes[shard] = size
+            return sum(sizes.values())
+
+
+_STATE_SIZES = _StateSizes()
 
 
 class _ShardLogic(StatefulBatchLogic[ShardInput, list[dict], bytes]):
@@ -138,11 +183,17 @@ class _ShardLogic(StatefulBatchLogic[ShardInput, list[dict], bytes]):
             rows.extend(
                 self._state.apply(item.partition, item.watermark_ms, item.partials)
             )
+        self._report_size()
         return ([rows] if rows else ()), StatefulBatchLogic.RETAIN
 
     def on_eof(self):
         rows = self._state.flush()
+        self._report_size()
         return ([rows] if rows else ()), StatefulBatchLogic.RETAIN
+
+    def _report_size(self) -> None:
+        kind = self._state.state_kind
+        metrics.get().state_size(kind, _STATE_SIZES.report(kind, self, self._state.state_size()))
 
     def snapshot(self) -> bytes:
         # Pickling here is the immutable copy Bytewax asks for, made once.

@@ -17,6 +17,7 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import ClassVar
 
 import polars as pl
 
@@ -79,6 +80,12 @@ class WindowState:
     # Windows that ended at or before this horizon are gone for good.
     horizon_ms: int = -(2**62)
     dropped_events: int = 0
+
+    state_kind: ClassVar[str] = "window_cells"
+
+    def state_size(self) -> int:
+        """Cells held: windows not emitted yet and emitted ones kept for late corrections."""
+        return len(self.cells)
 
     def apply(self, partition: str, watermark_ms: int, partials: pl.DataFrame | None) -> list[dict]:
         """Merge one batch's partials, advance the watermark, return the rows to emit."""
