@@ -39,6 +39,7 @@ import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -363,18 +364,29 @@ class _StorePartition(StatefulSinkPartition[Batch, None]):
         name = self._writer.name
         for chunk in chunks(batch, self._policy.max_batch_rows):
             size = batch_len(chunk)
+            self._metrics.batch_size(f"{name}_{self._stream}", size)
             returned, early = self._retrier.run(self._writer.write, chunk, f"writing {size} rows")
             rejected = early + list(returned or ())
             written = size - len(rejected)
             self._stats.add(flushes=1, rows_written=written, rows_rejected=len(rejected))
             self._metrics.events_out(self._stream, name, written)
-            oldest = _oldest_ingested_at(chunk)
+            oldest = oldest_ingested_at(chunk)
             if oldest is not None:
                 self._metrics.end_to_sink_latency(name, time.time() - oldest)
             if rejected:
-                for item in rejected:
-                    log.warning("sink %s: server rejected a row: %s", name, item.error)
                 records = rejection_records(name, rejected)
+                for item, record in zip(rejected, records, strict=True):
+                    log.warning(
+                        "sink %s: server rejected a row: %s",
+                        name,
+                        item.error,
+                        extra={
+                            "correlation_id": record["correlation_id"],
+                            "sink": name,
+                            "stream": self._stream,
+                            "source": record["source"],
+                        },
+                    )
                 self._retrier.run(_call_with, (self._dead_letters, records), "writing dead letters")
                 self._metrics.sink_failures(name, len(records))
                 self._metrics.dlq_records(DlqReason.SINK_FAILED.value, len(records))
@@ -396,12 +408,29 @@ def _call_with(pair: tuple[Callable, Any]) -> None:
     function(argument)
 
 
-def _oldest_ingested_at(batch: Batch) -> float | None:
-    """Epoch seconds of the oldest `ingested_at` of an event batch (None for other rows)."""
-    if not isinstance(batch, pl.DataFrame) or "ingested_at" not in batch.columns:
+def oldest_ingested_at(batch: Batch) -> float | None:
+    """Epoch seconds of the oldest `ingested_at` of a batch, the basis of
+    `pipeline_end_to_sink_latency_seconds`: a DataFrame's column minimum; for list rows the
+    smallest value among the rows that have one. None when no row has one (window, session and
+    DLQ rows carry no `ingested_at`, so their batches are not observed)."""
+    if isinstance(batch, pl.DataFrame):
+        if "ingested_at" not in batch.columns:
+            return None
+        return _epoch_s(batch["ingested_at"].min())
+    stamps = [_epoch_s(v) for row in batch if (v := row.get("ingested_at")) is not None]
+    return min((s for s in stamps if s is not None), default=None)
+
+
+def _epoch_s(value: object) -> float | None:
+    if value is None:
         return None
-    oldest = batch["ingested_at"].min()
-    return oldest.timestamp() if oldest is not None else None
+    if isinstance(value, datetime):
+        return value.timestamp()
+    if isinstance(value, str):
+        return datetime.fromisoformat(value).timestamp()
+    if isinstance(value, int | float):
+        return float(value)
+    return None
 
 
 _SETUP_LOCK = threading.Lock()
@@ -446,6 +475,10 @@ class StoreSink(FixedPartitionedSink[Batch, None]):
     def build_part(self, step_id: str, for_part: str, resume_state: None) -> _StorePartition:
         metrics = self._metrics or pipeline_metrics.get()
         writer = self._new_writer()
+        # Series at zero from the start, so that `increase()` sees the first retry or failure.
+        metrics.events_out(self._stream, writer.name, 0)
+        metrics.sink_retries(writer.name, 0)
+        metrics.sink_failures(writer.name, 0)
         retrier = Retrier(
             writer.name, self._policy, self.stats, sleep=self._sleep, rng=self._rng, metrics=metrics
         )

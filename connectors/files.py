@@ -17,6 +17,8 @@ import polars as pl
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 
+from connectors.base import oldest_ingested_at
+from dataflows import metrics
 from operators.model import RawBatch, RawRecord, as_dicts
 
 # --- source ----------------------------------------------------------------------------------
@@ -73,6 +75,7 @@ class JsonLinesSource(FixedPartitionedSource[RawBatch, tuple[int, int]]):
 # --- sink ------------------------------------------------------------------------------------
 
 Batch = pl.DataFrame | list[dict]
+SINK_NAME = "local"  # the `sink` label of the metrics
 
 
 def to_json_lines(batch: Batch) -> bytes:
@@ -121,10 +124,22 @@ class _DirectoryPartition(StatefulSinkPartition[Batch, int]):
         self._stream = stream
 
     def write_batch(self, items: list[Batch]) -> None:
+        rows, oldest = 0, None
         for batch in items:
             self._file.write(to_json_lines(batch))
-            self._summary.add(self._stream, batch_len(batch))
+            count = batch_len(batch)
+            self._summary.add(self._stream, count)
+            rows += count
+            stamp = oldest_ingested_at(batch)
+            if stamp is not None and (oldest is None or stamp < oldest):
+                oldest = stamp
         self._file.flush()
+        if rows:
+            m = metrics.get()
+            m.events_out(self._stream, SINK_NAME, rows)
+            m.batch_size(f"{SINK_NAME}_{self._stream}", rows)
+            if oldest is not None:
+                m.end_to_sink_latency(SINK_NAME, time.time() - oldest)
 
     def snapshot(self) -> int:
         return self._file.tell()
@@ -145,6 +160,7 @@ class DirectorySink(FixedPartitionedSink[Batch, int]):
         return ["part-0"]
 
     def build_part(self, step_id, for_part, resume_state):
+        metrics.get().events_out(self._stream, SINK_NAME, 0)
         return _DirectoryPartition(
             self._dir / f"{for_part}.jsonl", resume_state, self._summary, self._stream
         )

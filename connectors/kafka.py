@@ -28,6 +28,8 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from connectors.base import oldest_ingested_at
+from dataflows import metrics
 from dataflows.config import Settings
 from operators.model import RawBatch, RawRecord, as_dicts
 
@@ -170,6 +172,7 @@ class _KafkaPartition(StatefulSourcePartition[RawBatch, int]):
         self._to_commit: int | None = None
         self._ended = False
         self._idle_until = 0.0
+        self._lag_reported_at = 0.0
 
     def next_batch(self) -> list[RawBatch]:
         if self._ended:
@@ -198,8 +201,18 @@ class _KafkaPartition(StatefulSourcePartition[RawBatch, int]):
             self._next_offset = offset + 1
         if not records:
             self._idle_until = time.monotonic() + _IDLE_POLL_S
+            if self._idle_until - self._lag_reported_at >= _IDLE_LAG_REPORT_S:
+                self._report_lag()
             return []
+        self._report_lag()
         return [RawBatch(self._label, records)]
+
+    def _report_lag(self) -> None:
+        """`pipeline_consumer_lag` of this partition; from cached watermarks, no broker call."""
+        self._lag_reported_at = time.monotonic()
+        lag = self.lag()
+        if lag is not None:
+            metrics.get().consumer_lag(self._tp.topic, self._tp.partition, lag)
 
     def next_awake(self) -> datetime | None:
         if time.monotonic() < self._idle_until:
@@ -213,9 +226,14 @@ class _KafkaPartition(StatefulSourcePartition[RawBatch, int]):
         return self._next_offset
 
     def lag(self) -> int | None:
-        """Records between the read position and the partition's high watermark."""
-        _, high = self._consumer.get_watermark_offsets(self._tp, cached=True)
-        return None if high < 0 else max(high - self._next_offset, 0)
+        """Records between the read position and the partition's high watermark, as of the last
+        fetch (None before the first one). Before the first record is read from the beginning,
+        the position is the low watermark."""
+        low, high = self._consumer.get_watermark_offsets(self._tp, cached=True)
+        if high < 0:
+            return None
+        position = self._next_offset if self._next_offset >= 0 else max(low, 0)
+        return max(high - position, 0)
 
     def _commit(self, offset: int) -> None:
         if offset < 0:
@@ -242,6 +260,7 @@ class _KafkaPartition(StatefulSourcePartition[RawBatch, int]):
 
 
 _IDLE_POLL_S = 0.05
+_IDLE_LAG_REPORT_S = 1.0  # an idle partition refreshes its lag gauge at most this often
 
 
 class KafkaBatchSource(FixedPartitionedSource[RawBatch, int]):
@@ -294,6 +313,7 @@ class KafkaBatchSource(FixedPartitionedSource[RawBatch, int]):
 # docs/exactly-once.md.
 
 Rows = pl.DataFrame | list[dict]
+KAFKA_SINK_NAME = "kafka"  # the `sink` label of the metrics
 SINK_HEADER = "pipeline-sink"
 ID_HEADER = "pipeline-id"
 
@@ -374,10 +394,16 @@ class _TransactionalPartition(StatefulSinkPartition[Rows, SinkState]):
         transactional_id: str,
         fmt: StreamFormat,
         resume: SinkState | None,
+        stream: str = "",
     ):
         self._topic = topic
         self._format = fmt
         self._id = transactional_id
+        self._stream = stream or topic
+        # Rows produced in the open transaction and their oldest ingested_at, for the metrics
+        # reported when it commits.
+        self._pending_rows = 0
+        self._pending_oldest: float | None = None
         self._producer = producer(
             settings,
             transactional_id=transactional_id,
@@ -411,7 +437,13 @@ class _TransactionalPartition(StatefulSinkPartition[Rows, SinkState]):
             self._producer.begin_transaction()
             self._open = True
         identity = self._format.identity
+        produced = 0
         for rows in items:
+            stamp = oldest_ingested_at(rows)
+            if stamp is not None and (
+                self._pending_oldest is None or stamp < self._pending_oldest
+            ):
+                self._pending_oldest = stamp
             for row in as_dicts(rows):
                 row_id = identity(row)
                 admitted = self._ledger.admit(row_id, row)
@@ -419,7 +451,10 @@ class _TransactionalPartition(StatefulSinkPartition[Rows, SinkState]):
                     self._produce(
                         self._format.key(admitted), orjson.dumps(admitted), row_id
                     )
+                    produced += 1
         self._producer.poll(0)
+        self._pending_rows += produced
+        metrics.get().batch_size(f"kafka_{self._stream}", produced)
 
     def _produce(self, key: str, value: bytes, row_id: str) -> None:
         headers = [(SINK_HEADER, self._id), (ID_HEADER, row_id)]
@@ -461,6 +496,15 @@ class _TransactionalPartition(StatefulSinkPartition[Rows, SinkState]):
         self._open = False
         for partition, offset in self._delivered.items():
             self._tail_from[partition] = offset + 1
+        self._report_commit()
+
+    def _report_commit(self) -> None:
+        """Rows of a committed transaction are written: count them, observe their latency."""
+        m = metrics.get()
+        m.events_out(self._stream, KAFKA_SINK_NAME, self._pending_rows)
+        if self._pending_oldest is not None:
+            m.end_to_sink_latency(KAFKA_SINK_NAME, time.time() - self._pending_oldest)
+        self._pending_rows, self._pending_oldest = 0, None
 
 
 def _end_offsets(settings: Settings, topic: str) -> dict[int, int]:
@@ -532,6 +576,12 @@ class KafkaStreamSink(FixedPartitionedSink[Rows, SinkState]):
 
     def build_part(self, step_id: str, for_part: str, resume_state: SinkState | None):
         transactional_id = f"{self._settings.kafka_consumer_group}.{for_part}"
+        metrics.get().events_out(self._stream, KAFKA_SINK_NAME, 0)
         return _TransactionalPartition(
-            self._settings, self._topic, transactional_id, self._format, resume_state
+            self._settings,
+            self._topic,
+            transactional_id,
+            self._format,
+            resume_state,
+            stream=self._stream,
         )
