@@ -10,9 +10,12 @@ Tables (in `POSTGRES_SCHEMA`, created by versioned, idempotent migrations; see `
   `(event_id, "timestamp")` (a partitioned table's key must contain the partition key); rows are
   inserted with `ON CONFLICT DO NOTHING`, so a replay changes nothing.
 * `aggregates` — one row per `(tenant, event_type, "window", window_start)`, upserted only when the
-  incoming `revision` is higher than the stored one.
-* `sessions` — one row per `(session_id, start)`, upserted the same way; a session whose start
-  moved earlier (a late event merged into it) replaces the row(s) it covers.
+  incoming row is further along than the stored one in the monotone order
+  `(count, unique_users, revision)` (counts only grow, so a replay whose revisions differ from
+  the first attempt's can never lower a window's totals).
+* `sessions` — one row per `(session_id, start)`, upserted the same way by
+  `(event_count, end, revision)`; a session whose start moved earlier (a late event merged into
+  it) replaces the row(s) it covers.
 
 A write is one transaction: COPY (CSV, serialized by polars) into a temporary table, then one
 `INSERT ... SELECT ... ON CONFLICT`. Transient failures (connection loss, server shutting down or
@@ -364,38 +367,48 @@ INSERT INTO {table} ({cols}) SELECT {cols} FROM {stage}
 ON CONFLICT (event_id, "timestamp") DO NOTHING
 """
 
-# The highest revision of each key within the batch, and only over a lower stored revision.
+# Which row of a window wins: the furthest along in the monotone progress order
+# (count, unique_users, revision). Counts only grow, so a replay after a crash (whose revisions
+# and intermediate totals may differ from the first attempt's) can never bring a window back to
+# lower totals, and a later, fuller emission always wins. Within a batch only the furthest row of
+# each key is inserted; an equal tuple is the same row and changes nothing (updated_at included).
 _AGGREGATES_UPSERT = """
 INSERT INTO {table} ({cols})
 SELECT DISTINCT ON (tenant, event_type, "window", window_start) {cols} FROM {stage}
-ORDER BY tenant, event_type, "window", window_start, revision DESC
+ORDER BY tenant, event_type, "window", window_start, count DESC, unique_users DESC, revision DESC
 ON CONFLICT (tenant, event_type, "window", window_start) DO UPDATE SET
   window_end = excluded.window_end, count = excluded.count,
   unique_users = excluded.unique_users, revision = excluded.revision, updated_at = now()
-WHERE excluded.revision > {table}.revision
+WHERE (excluded.count, excluded.unique_users, excluded.revision)
+    > ({table}.count, {table}.unique_users, {table}.revision)
 """
 
-# Sessions only ever grow. When a late event moves a session's start earlier, the new row
-# (higher revision) covers the old one: delete covered rows of lower revision, and never insert
-# a row that a stored or batch row of higher revision already covers.
+# Sessions only ever grow; their progress order is (event_count, end, revision). When a late
+# event moves a session's start earlier, the new row covers the old one (same session id, earlier
+# or equal start, later or equal end) and is further along: delete the stored rows a batch row
+# covers and outranks, and never insert a row that a stored or batch row covers and outranks.
+# So a replay of older (or differently numbered) emissions cannot bring a superseded row back.
 _SESSIONS_UPSERT = """
 DELETE FROM {table} s USING {stage} b
 WHERE s.session_id = b.session_id AND s.start > b.start AND s."end" <= b."end"
-  AND s.revision < b.revision;
+  AND (s.event_count, s."end", s.revision) < (b.event_count, b."end", b.revision);
 INSERT INTO {table} ({cols})
 SELECT DISTINCT ON (session_id, start) {cols} FROM {stage} b
 WHERE NOT EXISTS (
     SELECT 1 FROM {table} s WHERE s.session_id = b.session_id AND s.start < b.start
-      AND s."end" >= b."end" AND s.revision > b.revision)
+      AND s."end" >= b."end"
+      AND (s.event_count, s."end", s.revision) > (b.event_count, b."end", b.revision))
   AND NOT EXISTS (
     SELECT 1 FROM {stage} o WHERE o.session_id = b.session_id AND o.start < b.start
-      AND o."end" >= b."end" AND o.revision > b.revision)
-ORDER BY session_id, start, revision DESC
+      AND o."end" >= b."end"
+      AND (o.event_count, o."end", o.revision) > (b.event_count, b."end", b.revision))
+ORDER BY session_id, start, event_count DESC, "end" DESC, revision DESC
 ON CONFLICT (session_id, start) DO UPDATE SET
   "end" = excluded."end", tenant = excluded.tenant, user_id = excluded.user_id,
   duration_s = excluded.duration_s, event_count = excluded.event_count,
   revision = excluded.revision, updated_at = now()
-WHERE excluded.revision > {table}.revision
+WHERE (excluded.event_count, excluded."end", excluded.revision)
+    > ({table}.event_count, {table}."end", {table}.revision)
 """
 
 TABLES = {

@@ -5,8 +5,11 @@ Each window row becomes a hash
     <REDIS_KEY_PREFIX><tenant>:<event_type>:<window>:<window_start>
         count, unique_users, revision, window_end
 
-written with absolute values (never INCR), only when its revision is at least the stored one, and
-given a TTL of `REDIS_TTL_S` (under 24 h) from the write. Beside it, a sorted set per series
+written with absolute values (never INCR), only when it is at least as far along as the stored one
+in the monotone order `(count, unique_users, revision)` (lexicographic; counts only grow, so a
+replay after a crash, whose revisions and intermediate totals may differ from the first
+attempt's, can never lower a window), and given a TTL of `REDIS_TTL_S` (under 24 h) from the
+write. Beside it, a sorted set per series
 
     <REDIS_KEY_PREFIX><tenant>:<event_type>:<window>
         member = window_start (ISO-8601), score = window_start in epoch milliseconds
@@ -47,7 +50,9 @@ def client(settings: Settings, **kwargs: Any) -> redis.Redis:
 
 # KEYS: hash, sorted set. ARGV: count, unique_users, revision, window_end, ttl_s, score (epoch
 # ms of window_start), member (window_start), horizon_ms.
-# Returns 1 when written, 0 when the stored revision is higher (the row is stale).
+# The row is written when it is at least as far along as the stored one in the monotone order
+# (count, unique_users, revision), compared lexicographically; a stored hash without numeric
+# fields is overwritten. Returns 1 when written, 0 when the stored row is further along.
 UPSERT_WINDOW = """
 local count = tonumber(ARGV[1])
 local users = tonumber(ARGV[2])
@@ -56,9 +61,16 @@ if not count or not users or not revision then
   return redis.error_reply('ERR count, unique_users and revision must be numbers, got ' ..
     ARGV[1] .. ', ' .. ARGV[2] .. ', ' .. ARGV[3])
 end
-local stored = redis.call('HGET', KEYS[1], 'revision')
-if stored and tonumber(stored) > revision then
-  return 0
+local stored = redis.call('HMGET', KEYS[1], 'count', 'unique_users', 'revision')
+local s_count, s_users, s_revision = tonumber(stored[1]), tonumber(stored[2]), tonumber(stored[3])
+if s_count and s_users and s_revision then
+  if count ~= s_count then
+    if count < s_count then return 0 end
+  elseif users ~= s_users then
+    if users < s_users then return 0 end
+  elseif revision < s_revision then
+    return 0
+  end
 end
 redis.call('HSET', KEYS[1], 'count', ARGV[1], 'unique_users', ARGV[2], 'revision', ARGV[3],
   'window_end', ARGV[4])

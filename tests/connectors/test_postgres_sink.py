@@ -207,6 +207,73 @@ def test_sessions_upsert_by_revision_and_a_start_moved_earlier_replaces_the_row(
 
 
 @pytest.mark.servers
+def test_a_replay_with_other_revisions_never_regresses_a_window(pg, unique):
+    # The first attempt wrote rev0 count=10 and rev1 count=11, then crashed before its snapshot
+    # was persisted; the replay batches differently and emits rev0 count=12 and nothing more.
+    settings, conn = pg
+    start, end = "2026-11-20T09:00:00.000Z", "2026-11-20T09:01:00.000Z"
+    first = [aggregate("acme", "click", "1m", start, end, 10, 4, 0),
+             aggregate("acme", "click", "1m", start, end, 11, 5, 1)]
+    replay = aggregate("acme", "click", "1m", start, end, 12, 5, 0)
+    query = 'SELECT count, unique_users, revision FROM {s}.aggregates'
+    crashed = Driver(lambda: PostgresSink(settings, "aggregates"))
+    crashed.epoch(first[:1])
+    crashed.epoch(first[1:])
+    resumed = Driver(lambda: PostgresSink(settings, "aggregates"))
+    resumed.epoch([replay])
+    assert select(conn, unique, query) == [(12, 5, 0)]
+    # Anything the replay or a late duplicate brings that is not further along changes nothing.
+    resumed.epoch(first, [replay])
+    resumed.epoch([aggregate("acme", "click", "1m", start, end, 11, 5, 7)])
+    assert select(conn, unique, query) == [(12, 5, 0)]
+    # A later, fuller emission wins whatever its revision; unique users break a count tie.
+    resumed.epoch([aggregate("acme", "click", "1m", start, end, 12, 6, 0)])
+    assert select(conn, unique, query) == [(12, 6, 0)]
+    resumed.epoch([aggregate("acme", "click", "1m", start, end, 13, 6, 1),
+                   aggregate("acme", "click", "1m", start, end, 12, 6, 9)])
+    resumed.close()
+    assert select(conn, unique, query) == [(13, 6, 1)]
+    assert crashed.dead == resumed.dead == []
+
+
+@pytest.mark.servers
+def test_a_replay_with_other_revisions_never_regresses_a_session(pg, unique):
+    settings, conn = pg
+
+    def session(sid, start, end, count, revision):
+        return {"tenant": "acme", "user_id": "u-1", "session_id": sid, "start": f"2026-11-20T{start}:00.000Z",
+                "end": f"2026-11-20T{end}:00.000Z", "duration_s": 1.5, "event_count": count, "revision": revision}
+
+    def stored():
+        return select(conn, unique, 'SELECT session_id, to_char(start, \'HH24:MI\'), to_char("end", \'HH24:MI\'), '
+                      "event_count, revision FROM {s}.sessions ORDER BY 1, 2")
+
+    # First attempt: s-a closed with 5 events, then a late event moved its start to 09:55;
+    # s-b grew from 2 to 3 events. Then a crash before the snapshot was persisted.
+    crashed = Driver(lambda: PostgresSink(settings, "sessions"))
+    crashed.epoch([session("s-a", "10:00", "10:10", 5, 0), session("s-b", "10:00", "10:01", 2, 0)])
+    crashed.epoch([session("s-a", "09:55", "10:10", 6, 1), session("s-b", "10:00", "10:02", 3, 1)])
+    assert stored() == [("s-a", "09:55", "10:10", 6, 1), ("s-b", "10:00", "10:02", 3, 1)]
+
+    resumed = Driver(lambda: PostgresSink(settings, "sessions"))
+    # The replay re-emits the old start at revision 0 (covered by a fuller stored row: not
+    # inserted) and s-b at revision 0 with fewer events than stored (ignored)...
+    resumed.epoch([session("s-a", "10:00", "10:10", 5, 0), session("s-b", "10:00", "10:01", 2, 0)])
+    assert stored() == [("s-a", "09:55", "10:10", 6, 1), ("s-b", "10:00", "10:02", 3, 1)]
+    # ...then s-b at revision 0 with more events than ever written (wins), and s-a's old start
+    # with two events the first attempt never saw (7 > 6: kept beside the 09:55 row for now).
+    resumed.epoch([session("s-b", "10:00", "10:03", 4, 0), session("s-a", "10:00", "10:12", 7, 0)])
+    assert stored() == [("s-a", "09:55", "10:10", 6, 1), ("s-a", "10:00", "10:12", 7, 0),
+                        ("s-b", "10:00", "10:03", 4, 0)]
+    # The final emission covers both s-a rows and replaces them.
+    resumed.epoch([session("s-a", "09:55", "10:12", 8, 1)])
+    resumed.epoch([session("s-a", "09:55", "10:10", 6, 1), session("s-a", "10:00", "10:12", 7, 0)])
+    resumed.close()
+    assert stored() == [("s-a", "09:55", "10:12", 8, 1), ("s-b", "10:00", "10:03", 4, 0)]
+    assert crashed.dead == resumed.dead == []
+
+
+@pytest.mark.servers
 def test_retention_drops_old_partitions(pg, unique, monkeypatch, capsys):
     settings, conn = pg
     driver = Driver(lambda: PostgresSink(settings, "events"))

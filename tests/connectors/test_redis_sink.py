@@ -92,6 +92,38 @@ def test_revisions_only_go_up_and_values_are_absolute(rds, unique):
 
 
 @pytest.mark.servers
+def test_a_replay_with_other_revisions_never_regresses_a_window(rds, unique):
+    # The first attempt wrote rev0 count=10 and rev1 count=11, then crashed before its snapshot
+    # was persisted; the replay batches differently and emits rev0 count=12 and nothing more.
+    settings, client = rds
+    r0 = aggregate("acme", "click", "1m", "2026-11-20T09:00:00.000Z", "2026-11-20T09:01:00.000Z", 10, 4, 0)
+    r1 = {**r0, "count": 11, "unique_users": 5, "revision": 1}
+    replay = {**r0, "count": 12, "unique_users": 5, "revision": 0}
+    key = f"{unique}:acme:click:1m:2026-11-20T09:00:00.000Z"
+
+    def stored():
+        h = client.hgetall(key)
+        return int(h["count"]), int(h["unique_users"]), int(h["revision"])
+
+    crashed = Driver(lambda: RedisAggregatesSink(settings))
+    crashed.epoch([r0])
+    crashed.epoch([r1])
+    resumed = Driver(lambda: RedisAggregatesSink(settings))
+    resumed.epoch([replay])
+    assert stored() == (12, 5, 0)
+    resumed.epoch([r0, r1], [replay])
+    resumed.epoch([{**r1, "revision": 7}])  # fewer events, whatever the revision: ignored
+    assert stored() == (12, 5, 0)
+    resumed.epoch([{**replay, "unique_users": 6}])  # unique users break a count tie
+    assert stored() == (12, 6, 0)
+    resumed.epoch([{**r0, "count": 13, "unique_users": 6, "revision": 1}, {**replay, "unique_users": 6, "revision": 9}])
+    resumed.close()
+    assert stored() == (13, 6, 1)
+    assert client.zrange(f"{unique}:acme:click:1m", 0, -1) == ["2026-11-20T09:00:00.000Z"]
+    assert crashed.dead == resumed.dead == []
+
+
+@pytest.mark.servers
 def test_same_batch_twice_same_state(rds, unique):
     settings, client = rds
     rows = minute_rows(30)
