@@ -36,5 +36,13 @@ stack-down:
 stack-status:
 	@bash stack/stack.sh status
 
+# Throughput/latency benchmark (docs/benchmarks.md); its last line is the BENCH summary. Starts the
+# servers if none was running and then stops them again; a running stack is left as it is.
+bench: install
+	@was_up=$$(bash stack/stack.sh status | grep -c ' up ' || true); \
+	bash stack/stack.sh up >&2 || exit $$?; \
+	status=0; $(PY) -m bench run $(BENCH_ARGS) || status=$$?; \
+	if [ "$$was_up" = 0 ]; then bash stack/stack.sh down >&2; fi; exit $$status
+
 clean:
 	rm -rf out .pytest_cache

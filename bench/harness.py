@@ -1,0 +1,633 @@
+"""`python -m bench run`: throughput, latency and memory of the pipeline against two baselines.
+
+Phases (each on fresh topics and consumer groups named `bench.<run id>.*`):
+
+1. **Data**: `N` events from `bench.workload` (cached as `.cache/bench/events-<n>-s<seed>.jsonl`),
+   produced once to `bench.<run>.raw` (`P` partitions, round robin) with a batching lz4 producer.
+2. **Catch-up**, on that topic, best of `--repeat` runs each:
+   * `ours`: `python -m bytewax.run dataflows.main` (through `bench.launch`, which notes the
+     first and last read) with PIPELINE_INPUT=kafka, KAFKA_STOP_AT_END=true, PIPELINE_SINKS=kafka;
+   * `naive`: `bench/naive_flow.py` on Bytewax's built-ins;
+   * `quix`: `bench/quix_app.py` on Quix Streams, in `.cache/bench/quix-venv`.
+   events/s = records read ÷ (end − first record read): start-up (imports, topic metadata,
+   producer `init_transactions`, consumer assignment) is excluded; the end is when the dataflow
+   returned after its last flush and transaction commit (quix: its last processed message, so
+   its idle-stop wait is excluded). CPU and RSS are sampled from /proc for the process tree
+   every 0.5 s; RSS "start" is the first sample after the first read, "end" the last sample.
+3. **Scaling**: `ours` as 2 processes (`-i 0|1 -a host:port;host:port`), same topic.
+4. **Latency**: `ours` live (no stop at end, epoch interval `-s 1`) on a fresh topic while the
+   harness produces at a steady `--rate` for `--latency-s` seconds; end-to-sink latency = the
+   Kafka timestamp of each `enriched` output record − its `ingested_at` (= the input record's Kafka
+   timestamp); also the time it became visible to a read_committed consumer. The job is stopped
+   with SIGINT afterwards.
+
+The last line printed is
+`BENCH events_per_s=<n> p95_ms=<n> rss_mb=<n> naive_ratio=<x> quix_ratio=<x>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from bench import workload
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / ".cache" / "bench"
+VENV_PY = ROOT / ".venv" / "bin" / "python"
+QUIX_VENV = CACHE / "quix-venv"
+QUIX_REQUIREMENTS = ("quixstreams==3.28.1", "orjson", "geoip2", "ua-parser[regex]")
+TICK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+STREAMS = ("enriched", "aggregates", "sessions", "late", "dlq")
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+# --- data -------------------------------------------------------------------------------------
+
+
+def data_file(n: int, seed: int, span_s: float) -> Path:
+    """The generated events, cached (the generator makes ~35-45K lines/s)."""
+    path = CACHE / f"events-{n}-s{seed}-span{int(span_s)}.jsonl"
+    if not path.exists():
+        log(f"generating {n:,} events into {path.relative_to(ROOT)} (cached for later runs)")
+        CACHE.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        workload.write(tmp, n, seed=seed, span_s=span_s)
+        tmp.rename(path)
+    return path
+
+
+def load_lines(path: Path) -> list[bytes]:
+    return path.read_bytes().splitlines()
+
+
+# --- Kafka helpers ----------------------------------------------------------------------------
+
+
+def create_topics(brokers: str, names: list[str], partitions: int) -> None:
+    admin = AdminClient({"bootstrap.servers": brokers})
+    futures = admin.create_topics([NewTopic(n, partitions, 1) for n in names])
+    for future in futures.values():
+        future.result(30)
+
+
+def delete_topics(brokers: str, prefix: str) -> None:
+    admin = AdminClient({"bootstrap.servers": brokers})
+    names = [t for t in admin.list_topics(timeout=30).topics if t.startswith(prefix)]
+    if names:
+        for future in admin.delete_topics(names, operation_timeout=30).values():
+            try:
+                future.result(30)
+            except Exception:  # noqa: BLE001 - best effort clean-up
+                pass
+
+
+def fast_producer(brokers: str, **overrides) -> Producer:
+    return Producer(
+        {
+            "bootstrap.servers": brokers,
+            "linger.ms": 50,
+            "batch.size": 1_000_000,
+            "compression.type": "lz4",
+            "acks": 1,
+            "enable.idempotence": False,
+            "queue.buffering.max.messages": 1_000_000,
+            "queue.buffering.max.kbytes": 1_048_576,
+            **overrides,
+        }
+    )
+
+
+def produce_all(brokers: str, topic: str, lines: list[bytes], partitions: int) -> float:
+    """Every line to `topic`, round robin over its partitions; returns records/s."""
+    producer = fast_producer(brokers)
+    started = time.monotonic()
+    produce = producer.produce
+    for i, line in enumerate(lines):
+        while True:
+            try:
+                produce(topic, line, partition=i % partitions)
+                break
+            except BufferError:
+                producer.poll(0.05)
+    remaining = producer.flush(120)
+    if remaining:
+        raise RuntimeError(f"{remaining} records not delivered to {topic}")
+    return len(lines) / (time.monotonic() - started)
+
+
+def high_watermarks(consumer: Consumer, topic: str) -> int:
+    total = 0
+    try:
+        partitions = consumer.list_topics(topic, timeout=5).topics[topic].partitions
+        for p in partitions:
+            total += consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=5)[1]
+    except Exception:  # noqa: BLE001 - progress display only
+        return -1
+    return total
+
+
+# --- process sampling -------------------------------------------------------------------------
+
+
+def _tree(pid: int) -> list[int]:
+    pids, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        pids.append(current)
+        try:
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except OSError:
+            pass
+    return pids
+
+
+def _usage(pids: list[int]) -> tuple[float, float]:
+    """(CPU seconds, RSS MiB) summed over `pids`."""
+    cpu = rss = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            cpu += (int(fields[11]) + int(fields[12])) / TICK
+            rss += int(fields[21]) * PAGE / 2**20
+        except (OSError, IndexError, ValueError):
+            pass
+    return cpu, rss
+
+
+class Sampler(threading.Thread):
+    """CPU and RSS of process trees every `interval` s: samples (wall time, cpu s, rss MiB)."""
+
+    def __init__(self, pids: list[int], interval: float = 0.5):
+        super().__init__(daemon=True)
+        self.roots = pids
+        self.interval = interval
+        self.samples: list[tuple[float, float, float]] = []
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            pids = [p for root in self.roots for p in _tree(root)]
+            cpu, rss = _usage(pids)
+            if rss > 0:
+                self.samples.append((time.time(), cpu, rss))
+            self._halt.wait(self.interval)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+
+    def window(self, start: float, end: float) -> dict:
+        inside = [s for s in self.samples if start <= s[0] <= end] or self.samples[-1:]
+        if not inside:
+            return {"cpu_pct": None, "rss_start_mb": None, "rss_end_mb": None, "rss_peak_mb": None}
+        first, last = inside[0], inside[-1]
+        span = last[0] - first[0]
+        return {
+            "cpu_pct": round(100 * (last[1] - first[1]) / span) if span > 0 else None,
+            "rss_start_mb": round(first[2]),
+            "rss_end_mb": round(last[2]),
+            "rss_peak_mb": round(max(s[2] for s in self.samples)),
+        }
+
+
+# --- running a job ----------------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    name: str
+    commands: list[list[str]]  # one per process
+    env: dict[str, str]
+    stats: list[Path]
+    progress_topic: str
+    end_key: str = "end"  # which stats field ends the measured interval
+    timeout_s: float = 900
+    process_env: list[dict[str, str]] = field(default_factory=list)  # overrides per process
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_job(job: Job, brokers: str, expected: int, logs: Path) -> dict:
+    """Run the job's processes to completion; events/s from the stats the processes wrote."""
+    for path in job.stats:
+        path.unlink(missing_ok=True)
+    env = {**os.environ, **job.env}
+    procs = []
+    for i, command in enumerate(job.commands):
+        out = open(logs / f"{job.name}-{i}.log", "wb")  # noqa: SIM115 - closed below
+        env_i = {**env, **(job.process_env[i] if job.process_env else {})}
+        procs.append(
+            (subprocess.Popen(command, cwd=ROOT, env=env_i, stdout=out, stderr=subprocess.STDOUT), out)
+        )
+    sampler = Sampler([p.pid for p, _ in procs])
+    sampler.start()
+    watcher = Consumer({"bootstrap.servers": brokers, "group.id": f"{job.name}.watch"})
+    started = time.time()
+    next_report = started + 2
+    try:
+        while any(p.poll() is None for p, _ in procs):
+            time.sleep(0.2)
+            now = time.time()
+            if now > started + job.timeout_s:
+                raise TimeoutError(f"{job.name}: still running after {job.timeout_s} s")
+            if now >= next_report:
+                next_report = now + 2
+                last = sampler.samples[-1] if sampler.samples else (now, 0, 0)
+                out_records = high_watermarks(watcher, job.progress_topic)
+                log(
+                    f"  [{job.name}] {now - started:5.1f}s  {job.progress_topic.rsplit('.', 1)[-1]}"
+                    f" out={out_records:>10,} / {expected:,} in   rss={last[2]:.0f}MB"
+                )
+    finally:
+        for p, out in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+                try:
+                    p.wait(30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+            out.close()
+        sampler.stop()
+        watcher.close()
+    codes = [p.returncode for p, _ in procs]
+    if any(codes):
+        tail = (logs / f"{job.name}-0.log").read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"{job.name} exited with {codes}; log tail:\n{tail}")
+    stats = [json.loads(path.read_text()) for path in job.stats]
+    first = min(s["first_read"] for s in stats if s["first_read"])
+    end = max(s[job.end_key] for s in stats if s[job.end_key])
+    records = sum(s["records"] for s in stats)
+    result = {
+        "records": records,
+        "seconds": round(end - first, 2),
+        "startup_s": round(first - started, 2),
+        "events_per_s": round(records / (end - first)),
+        **sampler.window(first, end),
+    }
+    if records != expected:
+        result["warning"] = f"read {records} records, expected {expected}"
+    return result
+
+
+def best_of(runs: list[dict]) -> dict:
+    best = max(runs, key=lambda r: r["events_per_s"])
+    return {**best, "runs": [r["events_per_s"] for r in runs]}
+
+
+# --- the three jobs ---------------------------------------------------------------------------
+
+
+def ours_env(brokers: str, topic_in: str, prefix: str, *, stop_at_end: bool) -> dict[str, str]:
+    env = {
+        "PIPELINE_INPUT": "kafka",
+        "PIPELINE_SINKS": "kafka",
+        "KAFKA_BOOTSTRAP_SERVERS": brokers,
+        "KAFKA_STOP_AT_END": "true" if stop_at_end else "false",
+        "KAFKA_TOPIC_RAW": topic_in,
+        "KAFKA_CONSUMER_GROUP": f"{prefix}.group",
+        "METRICS_PORT": str(free_port()),
+        "LOG_LEVEL": "WARNING",
+    }
+    for stream in STREAMS:
+        env[f"KAFKA_TOPIC_{stream.upper()}"] = f"{prefix}.{stream}"
+    return env
+
+
+def ours_job(
+    name: str, brokers: str, topic_in: str, prefix: str, processes: int, *, extra: list[str] = (),
+    profile: Path | None = None,
+) -> Job:
+    env = ours_env(brokers, topic_in, prefix, stop_at_end=True)
+    stats = [CACHE / f"{name}-{i}.stats.json" for i in range(processes)]
+    base = [str(VENV_PY), "-m", "bench.launch"]
+    if profile is not None:  # py-spy's collapsed stacks ("raw"), 100 samples/s
+        spy = ROOT / ".venv" / "bin" / "py-spy"
+        base = [str(spy), "record", "-o", str(profile), "--format", "raw", "-r", "100", "--", *base]
+    if processes == 1:
+        commands = [[*base, str(stats[0]), "dataflows.main", *extra]]
+    else:
+        addresses = ";".join(f"127.0.0.1:{free_port()}" for _ in range(processes))
+        commands = [
+            [*base, str(stats[i]), "dataflows.main", "-i", str(i), "-a", addresses, *extra]
+            for i in range(processes)
+        ]
+    job = Job(name, commands, env, stats, f"{prefix}.enriched")
+    # each process serves its own metrics port
+    job.process_env = [{"METRICS_PORT": str(free_port())} for _ in range(processes)]
+    return job
+
+
+def naive_job(name: str, brokers: str, topic_in: str, prefix: str) -> Job:
+    stats = CACHE / f"{name}.stats.json"
+    env = {"BENCH_BROKERS": brokers, "BENCH_TOPIC_IN": topic_in, "BENCH_TOPIC_PREFIX": prefix}
+    command = [str(VENV_PY), "-m", "bench.launch", str(stats), "bench.naive_flow"]
+    return Job(name, [command], env, [stats], f"{prefix}.enriched")
+
+
+def ensure_quix_venv() -> Path | None:
+    """The Quix Streams virtualenv (created on first use); None if it cannot be built."""
+    python = QUIX_VENV / "bin" / "python"
+    marker = QUIX_VENV / ".installed"
+    if marker.exists() and marker.read_text() == "\n".join(QUIX_REQUIREMENTS):
+        return python
+    log(f"creating {QUIX_VENV.relative_to(ROOT)} ({', '.join(QUIX_REQUIREMENTS)})")
+    try:
+        if not python.exists():
+            subprocess.run([sys.executable, "-m", "venv", str(QUIX_VENV)], check=True)
+        uv = ROOT / ".venv" / "bin" / "uv"
+        subprocess.run(
+            [str(uv), "pip", "install", "-q", "--python", str(python), *QUIX_REQUIREMENTS],
+            check=True,
+        )
+    except (subprocess.CalledProcessError, OSError) as exc:
+        log(f"cannot build the Quix Streams virtualenv: {exc}")
+        return None
+    marker.write_text("\n".join(QUIX_REQUIREMENTS))
+    return python
+
+
+def quix_job(name: str, python: Path, brokers: str, topic_in: str, prefix: str) -> Job:
+    stats = CACHE / f"{name}.stats.json"
+    state = CACHE / "quix-state" / name
+    shutil.rmtree(state, ignore_errors=True)
+    env = {
+        "BENCH_BROKERS": brokers,
+        "BENCH_TOPIC_IN": topic_in,
+        "BENCH_TOPIC_PREFIX": prefix,
+        "BENCH_GROUP": f"{prefix}.group",
+        "BENCH_STATE_DIR": str(state),
+        "BENCH_QUIX_IDLE_S": "5",
+    }
+    command = [str(python), "-m", "bench.quix_app", str(stats)]
+    return Job(name, [command], env, [stats], f"{prefix}.enriched", end_key="last_read")
+
+
+# --- latency ----------------------------------------------------------------------------------
+
+
+class OutputWatcher(threading.Thread):
+    """Reads an output topic read_committed; per record: (Kafka timestamp ms, seen at ms,
+    ingested_at ms)."""
+
+    def __init__(self, brokers: str, topic: str, partitions: int):
+        super().__init__(daemon=True)
+        self.consumer = Consumer(
+            {
+                "bootstrap.servers": brokers,
+                "group.id": f"{topic}.latency",
+                "isolation.level": "read_committed",
+                "enable.auto.commit": False,
+            }
+        )
+        self.consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
+        self.rows: list[tuple[int, int, int]] = []
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        from datetime import datetime
+
+        parse = datetime.fromisoformat
+        marker = b'"ingested_at":"'
+        while not self._halt.is_set():
+            messages = self.consumer.consume(5000, 0.2)
+            seen = int(time.time() * 1000)
+            for m in messages:
+                if m.error() is not None:
+                    continue
+                value = m.value()
+                i = value.find(marker) + len(marker)
+                ingested = int(parse(value[i : i + 24].decode()).timestamp() * 1000)
+                self.rows.append((m.timestamp()[1], seen, ingested))
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+        self.consumer.close()
+
+
+def percentiles(values: list[int]) -> dict:
+    if not values:
+        return {}
+    values = sorted(values)
+
+    def at(q: float) -> int:
+        return values[min(len(values) - 1, int(q * len(values)))]
+
+    return {"p50": at(0.50), "p95": at(0.95), "p99": at(0.99), "max": values[-1]}
+
+
+def latency_phase(
+    brokers: str, run_id: str, lines: list[bytes], partitions: int, rate: int, seconds: float,
+    logs: Path,
+) -> dict:
+    prefix = f"bench.{run_id}.lat"
+    topic_in = f"{prefix}.raw"
+    create_topics(brokers, [topic_in], partitions)
+    create_topics(brokers, [f"{prefix}.{s}" for s in STREAMS], partitions)
+    env = {**os.environ, **ours_env(brokers, topic_in, prefix, stop_at_end=False)}
+    stats = CACHE / "latency.stats.json"
+    command = [str(VENV_PY), "-m", "bench.launch", str(stats), "dataflows.main", "-s", "1"]
+    out = open(logs / "latency.log", "wb")  # noqa: SIM115
+    job = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    sampler = Sampler([job.pid])
+    sampler.start()
+    watcher = OutputWatcher(brokers, f"{prefix}.enriched", partitions)
+    watcher.start()
+    producer = fast_producer(brokers, **{"linger.ms": 5, "batch.size": 262_144})
+    try:
+        # Warm up: a few records, until they come out (the job is then running and caught up).
+        warm_until = time.time() + 120
+        for i in range(partitions * 20):
+            producer.produce(topic_in, lines[i], partition=i % partitions)
+        producer.flush(30)
+        while not watcher.rows:
+            if job.poll() is not None or time.time() > warm_until:
+                raise RuntimeError(f"latency job did not start: see {logs / 'latency.log'}")
+            time.sleep(0.2)
+        warm = len(watcher.rows)
+        log(f"  [latency] job ready; producing {rate:,}/s for {seconds:.0f} s")
+        started = time.time()
+        measure_from = int((started + min(5.0, seconds / 4)) * 1000)  # skip the first seconds
+        tick = 0.01
+        per_tick = rate * tick
+        sent = 0
+        n = len(lines)
+        i = partitions * 20
+        next_report = started + 5
+        while True:
+            now = time.time()
+            if now - started >= seconds:
+                break
+            due = int((now - started) * rate)
+            while sent < due:
+                try:
+                    producer.produce(topic_in, lines[i % n], partition=i % partitions)
+                except BufferError:
+                    producer.poll(0.01)
+                    continue
+                i += 1
+                sent += 1
+            producer.poll(0)
+            if now >= next_report:
+                next_report = now + 5
+                log(f"  [latency] {now - started:4.0f}s sent={sent:,} out={len(watcher.rows) - warm:,}")
+            time.sleep(max(0.0, tick - (time.time() - now)) if per_tick else tick)
+        producer.flush(30)
+        achieved = sent / (time.time() - started)
+        drain_until = time.time() + 30
+        while len(watcher.rows) - warm < sent * 0.98 and time.time() < drain_until:
+            time.sleep(0.5)
+        time.sleep(2)
+    finally:
+        if job.poll() is None:
+            job.send_signal(signal.SIGINT)
+            try:
+                job.wait(60)
+            except subprocess.TimeoutExpired:
+                job.kill()
+        out.close()
+        watcher.stop()
+        sampler.stop()
+    rows = [r for r in watcher.rows if r[2] >= measure_from]
+    return {
+        "rate_target": rate,
+        "rate_achieved": round(achieved),
+        "seconds": seconds,
+        "epoch_interval_s": 1,
+        "records_measured": len(rows),
+        "sink_ms": percentiles([ts - ing for ts, _, ing in rows]),
+        "visible_ms": percentiles([seen - ing for _, seen, ing in rows]),
+        **sampler.window(started, started + seconds),
+    }
+
+
+# --- command line -----------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="throughput (ours, naive, quix), scaling, latency")
+    run.add_argument("--brokers", default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"))
+    run.add_argument("--events", type=int, default=1_000_000)
+    run.add_argument("--partitions", type=int, default=8)
+    run.add_argument("--seed", type=int, default=42)
+    run.add_argument("--span-s", type=float, default=4 * 3600)
+    run.add_argument("--repeat", type=int, default=2, help="runs per job; the best counts")
+    run.add_argument("--rate", type=int, default=50_000, help="latency phase: events/s")
+    run.add_argument("--latency-s", type=float, default=30)
+    run.add_argument(
+        "--skip", default="", help="comma list of phases to skip: naive,quix,scaling,latency"
+    )
+    run.add_argument(
+        "--profile", action="store_true",
+        help="run ours under py-spy; collapsed stacks in the run's log directory",
+    )
+    run.add_argument("--keep-topics", action="store_true", help="do not delete bench topics")
+    args = parser.parse_args(argv)
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+
+    run_id = time.strftime("%Y%m%d%H%M%S") + uuid.uuid4().hex[:4]
+    logs = CACHE / "logs" / run_id
+    logs.mkdir(parents=True, exist_ok=True)
+    brokers = args.brokers
+    log(f"bench run {run_id}: {args.events:,} events, {args.partitions} partitions; logs in "
+        f"{logs.relative_to(ROOT)}")
+    lines = load_lines(data_file(args.events, args.seed, args.span_s))
+    topic_in = f"bench.{run_id}.raw"
+    create_topics(brokers, [topic_in], args.partitions)
+    rate = produce_all(brokers, topic_in, lines, args.partitions)
+    log(f"produced {len(lines):,} records to {topic_in} at {rate:,.0f}/s")
+    results: dict = {"run_id": run_id, "events": len(lines), "partitions": args.partitions}
+
+    def measure(name: str, make_job) -> dict:
+        runs = []
+        for r in range(args.repeat):
+            prefix = f"bench.{run_id}.{name}{r}"
+            job = make_job(f"{name}{r}", prefix)
+            create_topics(brokers, [f"{prefix}.{s}" for s in STREAMS], args.partitions)
+            log(f"{name} run {r + 1}/{args.repeat}")
+            result = run_job(job, brokers, len(lines), logs)
+            log(f"  -> {json.dumps(result)}")
+            runs.append(result)
+        return best_of(runs)
+
+    try:
+        results["ours"] = measure(
+            "ours",
+            lambda n, p: ours_job(
+                n, brokers, topic_in, p, 1,
+                profile=logs / f"{n}.pyspy.txt" if args.profile else None,
+            ),
+        )
+        if "naive" not in skip:
+            results["naive"] = measure(
+                "naive", lambda n, p: naive_job(n, brokers, topic_in, p)
+            )
+        if "quix" not in skip:
+            python = ensure_quix_venv()
+            if python is None:
+                results["quix"] = {"error": "Quix Streams virtualenv could not be built"}
+            else:
+                results["quix"] = measure(
+                    "quix", lambda n, p: quix_job(n, python, brokers, topic_in, p)
+                )
+        if "scaling" not in skip:
+            results["ours_2p"] = measure(
+                "ours2p", lambda n, p: ours_job(n, brokers, topic_in, p, 2)
+            )
+            results["scaling"] = round(
+                results["ours_2p"]["events_per_s"] / results["ours"]["events_per_s"], 2
+            )
+        if "latency" not in skip:
+            log("latency phase")
+            results["latency"] = latency_phase(
+                brokers, run_id, lines, args.partitions, args.rate, args.latency_s, logs
+            )
+            log(f"  -> {json.dumps(results['latency'])}")
+    finally:
+        if not args.keep_topics:
+            delete_topics(brokers, f"bench.{run_id}.")
+    (logs / "results.json").write_text(json.dumps(results, indent=2))
+    log(f"results: {logs.relative_to(ROOT) / 'results.json'}")
+    log(json.dumps(results, indent=2))
+
+    ours = results["ours"]["events_per_s"]
+
+    def ratio(name: str) -> str:
+        other = results.get(name, {}).get("events_per_s")
+        return f"{ours / other:.2f}" if other else "nan"
+
+    p95 = results.get("latency", {}).get("sink_ms", {}).get("p95")
+    log(
+        f"BENCH events_per_s={ours} p95_ms={p95 if p95 is not None else 'nan'} "
+        f"rss_mb={results['ours']['rss_end_mb']} naive_ratio={ratio('naive')} "
+        f"quix_ratio={ratio('quix')}"
+    )
+    return 0

@@ -1,0 +1,62 @@
+"""`python -m bytewax.run` with a read probe: `python -m bench.launch STATS.json ARGS...`.
+
+ARGS are `bytewax.run`'s. Before the dataflow starts, the `next_batch` of the Kafka source
+partitions (ours, `connectors.kafka._KafkaPartition`, and Bytewax's own, for the naive baseline)
+is wrapped to note the wall time of the first and the last non-empty read and the number of
+records read; at exit the figures go to STATS.json (`first_read`, `last_read`, `end`, `records`),
+`end` being when the dataflow returned, i.e. after its final flush and commit. The wrapper costs a
+`time.time()` per batch (thousands of records), nothing per record.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import runpy
+import sys
+import time
+from pathlib import Path
+
+stats = {"first_read": None, "last_read": None, "end": None, "records": 0}
+
+
+def _count(batch: list) -> int:
+    return sum(len(item.records) if hasattr(item, "records") else 1 for item in batch)
+
+
+def _wrap(cls) -> None:
+    original = cls.next_batch
+
+    def next_batch(self):
+        batch = original(self)
+        if batch:
+            now = time.time()
+            if stats["first_read"] is None:
+                stats["first_read"] = now
+            stats["last_read"] = now
+            stats["records"] += _count(batch)
+        return batch
+
+    cls.next_batch = next_batch
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    sys.argv = ["bytewax.run", *sys.argv[2:]]
+
+    def write() -> None:
+        stats["end"] = time.time()
+        out.write_text(json.dumps(stats))
+
+    atexit.register(write)
+    import bytewax.connectors.kafka as bytewax_kafka
+
+    import connectors.kafka as our_kafka
+
+    _wrap(our_kafka._KafkaPartition)
+    _wrap(bytewax_kafka._KafkaSourcePartition)
+    runpy.run_module("bytewax.run", run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main()
