@@ -164,14 +164,15 @@ class _KafkaPartition(StatefulSourcePartition[RawBatch, int]):
         self._tp = TopicPartition(topic, partition)
         if resume_offset is None:
             (committed,) = self._consumer.committed([self._tp], timeout=30)
-            resume_offset = (
-                committed.offset if committed.offset >= 0 else OFFSET_BEGINNING
-            )
+            resume_offset = committed.offset if committed.offset >= 0 else OFFSET_BEGINNING
         self._consumer.assign([TopicPartition(topic, partition, resume_offset)])
         self._next_offset = resume_offset
         self._to_commit: int | None = None
         self._ended = False
         self._idle_until = 0.0
+        # The first batch is handed over even when empty: it tells the event-time gate that this
+        # partition exists, so windows wait for its watermark from the start.
+        self._announced = False
         self._lag_reported_at = 0.0
 
     def next_batch(self) -> list[RawBatch]:
@@ -199,12 +200,13 @@ class _KafkaPartition(StatefulSourcePartition[RawBatch, int]):
                 )
             )
             self._next_offset = offset + 1
-        if not records:
+        if not records and self._announced:
             self._idle_until = time.monotonic() + _IDLE_POLL_S
             if self._idle_until - self._lag_reported_at >= _IDLE_LAG_REPORT_S:
                 self._report_lag()
             return []
         self._report_lag()
+        self._announced = True
         return [RawBatch(self._label, records)]
 
     def _report_lag(self) -> None:
@@ -242,9 +244,7 @@ class _KafkaPartition(StatefulSourcePartition[RawBatch, int]):
         try:
             self._consumer.commit(offsets=[tp], asynchronous=True)
         except KafkaException as exc:  # the next snapshot commits a later offset anyway
-            logger.warning(
-                "kafka source %s: offset commit failed: %s", self._label, exc
-            )
+            logger.warning("kafka source %s: offset commit failed: %s", self._label, exc)
 
     def close(self) -> None:
         # The run is over and its last snapshot is written: that offset is safe to commit.
@@ -253,9 +253,7 @@ class _KafkaPartition(StatefulSourcePartition[RawBatch, int]):
             try:
                 self._consumer.commit(offsets=[tp], asynchronous=False)
             except KafkaException as exc:
-                logger.warning(
-                    "kafka source %s: final offset commit failed: %s", self._label, exc
-                )
+                logger.warning("kafka source %s: final offset commit failed: %s", self._label, exc)
         self._consumer.close()
 
 
@@ -274,9 +272,7 @@ class KafkaBatchSource(FixedPartitionedSource[RawBatch, int]):
 
     def __init__(self, settings: Settings, *, stop_at_end: bool | None = None):
         self._settings = settings
-        self._stop_at_end = (
-            settings.kafka_stop_at_end if stop_at_end is None else stop_at_end
-        )
+        self._stop_at_end = settings.kafka_stop_at_end if stop_at_end is None else stop_at_end
 
     def list_parts(self) -> list[str]:
         topic = self._settings.kafka_topic_raw
@@ -289,9 +285,7 @@ class KafkaBatchSource(FixedPartitionedSource[RawBatch, int]):
             )
         return [f"{topic}/{p}" for p in sorted(described.partitions)]
 
-    def build_part(
-        self, step_id: str, for_part: str, resume_state: int | None
-    ) -> _KafkaPartition:
+    def build_part(self, step_id: str, for_part: str, resume_state: int | None) -> _KafkaPartition:
         topic, partition = for_part.rsplit("/", 1)
         return _KafkaPartition(
             self._settings, topic, int(partition), resume_state, self._stop_at_end
@@ -323,12 +317,8 @@ class StreamFormat:
     """How a stream's rows become Kafka records."""
 
     key: Callable[[dict], str]  # message key (compaction, partitioning)
-    identity: Callable[
-        [dict], str
-    ]  # the same output after a replay has the same identity
-    revisioned: bool = (
-        False  # rows carry `revision` and are corrected by later revisions
-    )
+    identity: Callable[[dict], str]  # the same output after a replay has the same identity
+    revisioned: bool = False  # rows carry `revision` and are corrected by later revisions
 
 
 def _fingerprint(row: dict) -> bytes:
@@ -342,12 +332,8 @@ class ReplayLedger:
     """What a sink partition committed after its last persisted snapshot, to skip on replay."""
 
     revisioned: bool
-    committed: dict[str, set[bytes]] = field(
-        default_factory=dict
-    )  # identity → fingerprints
-    floors: dict[str, int] = field(
-        default_factory=dict
-    )  # identity → highest revision written
+    committed: dict[str, set[bytes]] = field(default_factory=dict)  # identity → fingerprints
+    floors: dict[str, int] = field(default_factory=dict)  # identity → highest revision written
 
     def record(self, identity: str, row: dict | None) -> None:
         seen = self.committed.setdefault(identity, set())
@@ -373,9 +359,7 @@ class ReplayLedger:
 
 @dataclass(frozen=True)
 class SinkState:
-    tail_from: dict[
-        int, int
-    ]  # topic partition → offset after this partition's committed output
+    tail_from: dict[int, int]  # topic partition → offset after this partition's committed output
     floors: dict[str, int]  # revision floors still in force after a replay
 
 
@@ -414,9 +398,7 @@ class _TransactionalPartition(StatefulSinkPartition[Rows, SinkState]):
                 "message.timeout.ms": 590_000,
             },
         )
-        self._producer.init_transactions(
-            60
-        )  # fences (and aborts) a predecessor's transaction
+        self._producer.init_transactions(60)  # fences (and aborts) a predecessor's transaction
         self._delivered: dict[int, int] = {}
         self._open = False
         if resume is None:
@@ -440,17 +422,13 @@ class _TransactionalPartition(StatefulSinkPartition[Rows, SinkState]):
         produced = 0
         for rows in items:
             stamp = oldest_ingested_at(rows)
-            if stamp is not None and (
-                self._pending_oldest is None or stamp < self._pending_oldest
-            ):
+            if stamp is not None and (self._pending_oldest is None or stamp < self._pending_oldest):
                 self._pending_oldest = stamp
             for row in as_dicts(rows):
                 row_id = identity(row)
                 admitted = self._ledger.admit(row_id, row)
                 if admitted is not None:
-                    self._produce(
-                        self._format.key(admitted), orjson.dumps(admitted), row_id
-                    )
+                    self._produce(self._format.key(admitted), orjson.dumps(admitted), row_id)
                     produced += 1
         self._producer.poll(0)
         self._pending_rows += produced
@@ -537,9 +515,7 @@ def _read_committed_tail(
     try:
         partitions = reader.list_topics(topic, timeout=30).topics[topic].partitions
         starts = {p: tail_from.get(p, OFFSET_BEGINNING) for p in partitions}
-        reader.assign(
-            [TopicPartition(topic, p, offset) for p, offset in starts.items()]
-        )
+        reader.assign([TopicPartition(topic, p, offset) for p, offset in starts.items()])
         ended: set[int] = set()
         while len(ended) < len(starts):
             for message in reader.consume(10_000, 1.0):
@@ -562,9 +538,7 @@ def _read_committed_tail(
 class KafkaStreamSink(FixedPartitionedSink[Rows, SinkState]):
     """A pipeline stream into a Kafka topic, exactly once: one transaction per epoch per part."""
 
-    def __init__(
-        self, settings: Settings, stream: str, topic: str, fmt: StreamFormat, parts: int
-    ):
+    def __init__(self, settings: Settings, stream: str, topic: str, fmt: StreamFormat, parts: int):
         self._settings = settings
         self._stream = stream
         self._topic = topic

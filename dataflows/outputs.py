@@ -85,9 +85,7 @@ class StoreRoute:
 
 STORE_ROUTES = (
     # sink          stream         writer                                     rows
-    StoreRoute(
-        "postgres", "enriched", partial(PostgresSink, table="events"), timeseries_events
-    ),
+    StoreRoute("postgres", "enriched", partial(PostgresSink, table="events"), timeseries_events),
     StoreRoute("postgres", "aggregates", partial(PostgresSink, table="aggregates")),
     StoreRoute("postgres", "sessions", partial(PostgresSink, table="sessions")),
     StoreRoute("opensearch", "enriched", OpenSearchSink, error_events),
@@ -106,9 +104,7 @@ def sink_dead_letters(settings: Settings) -> DeadLetters:
     targets: list[DeadLetters] = []
     if "local" in settings.sinks:
         targets.append(
-            JsonLinesDeadLetters(
-                settings.pipeline_output_dir / "dlq" / SINK_FAILED_FILE
-            )
+            JsonLinesDeadLetters(settings.pipeline_output_dir / "dlq" / SINK_FAILED_FILE)
         )
     if "kafka" in settings.sinks:
         kafka_target = kafka_dead_letters(settings)

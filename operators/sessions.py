@@ -82,13 +82,25 @@ class SessionState:
         return len(self.sessions)
 
     def apply(self, partition: str, watermark_ms: int, partials: pl.DataFrame | None) -> list[dict]:
-        if partials is not None:
-            for session_id, tenant, user_id, start, end, count in partials.iter_rows():
-                if end + self.gap_ms <= self.horizon_ms:
-                    self.dropped_events += count
-                    continue
-                self._merge(session_id, Session(tenant, user_id, start, end, count))
-        self.clock.update(partition, watermark_ms)
+        return self.apply_all([(partition, watermark_ms, partials)])
+
+    def apply_all(self, inputs: list[tuple[str, int, pl.DataFrame | None]]) -> list[dict]:
+        """Merge several batches, taking in every watermark before anything closes."""
+        for partition, watermark_ms, partials in inputs:
+            if partials is not None:
+                for (
+                    session_id,
+                    tenant,
+                    user_id,
+                    start,
+                    end,
+                    count,
+                ) in partials.iter_rows():
+                    if end + self.gap_ms <= self.horizon_ms:
+                        self.dropped_events += count
+                        continue
+                    self._merge(session_id, Session(tenant, user_id, start, end, count))
+            self.clock.update(partition, watermark_ms)
         return self._emit(self.clock.watermark_ms)
 
     def flush(self) -> list[dict]:

@@ -43,7 +43,8 @@ class ShardClock:
     partition_watermarks: dict[str, int] = field(default_factory=dict)
 
     def update(self, partition: str, watermark_ms: int) -> None:
-        if watermark_ms > self.partition_watermarks.get(partition, NO_WATERMARK):
+        known = self.partition_watermarks.get(partition)
+        if known is None or watermark_ms > known:
             self.partition_watermarks[partition] = watermark_ms
 
     @property

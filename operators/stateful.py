@@ -32,9 +32,7 @@ from operators.windows import window_partials
 class GateConfig:
     allowed_lateness_s: float
     idle_close_s: float
-    count_late: (
-        bool  # False under the `drop` late policy: late events stay out of aggregates
-    )
+    count_late: bool  # False under the `drop` late policy: late events stay out of aggregates
     session_gap_s: float
     shards: int
 
@@ -65,9 +63,7 @@ class _EventTimeLogic(StatefulBatchLogic[EventBatch, tuple, ClockState]):
             if late_here:
                 late_count += late_here
                 out.append(("late", (batch.partition, batch.events.filter(late))))
-            counted = (
-                batch.events if self._config.count_late else batch.events.filter(~late)
-            )
+            counted = batch.events if self._config.count_late else batch.events.filter(~late)
             out.extend(self._to_shards(counted))
         m = metrics.get()
         if late_count:
@@ -109,9 +105,7 @@ class _EventTimeLogic(StatefulBatchLogic[EventBatch, tuple, ClockState]):
         out = []
         for shard in range(cfg.shards):
             key = shard_key(shard)
-            out.append(
-                ("windows", (key, ShardInput(partition, watermark, windows.get(shard))))
-            )
+            out.append(("windows", (key, ShardInput(partition, watermark, windows.get(shard)))))
             out.append(
                 (
                     "sessions",
@@ -126,16 +120,12 @@ def _select(tag: str):
 
 
 @operator
-def event_time_gate(
-    step_id: str, up: Stream[EventBatch], config: GateConfig
-) -> GateOut:
+def event_time_gate(step_id: str, up: Stream[EventBatch], config: GateConfig) -> GateOut:
     """Mark late events and send each shard its partials plus the partition's watermark."""
     keyed = op.key_on("by_partition", up, lambda batch: batch.partition)
     tagged = op.key_rm(
         "unkey",
-        op.stateful_batch(
-            "clock", keyed, lambda resume: _EventTimeLogic(config, resume)
-        ),
+        op.stateful_batch("clock", keyed, lambda resume: _EventTimeLogic(config, resume)),
     )
     return GateOut(
         late=op.filter_map("late", tagged, _select("late")),
@@ -147,7 +137,7 @@ def event_time_gate(
 class ShardState(Protocol):
     state_kind: str  # the `kind` label of `pipeline_state_size`
 
-    def apply(self, partition: str, watermark_ms: int, partials) -> list[dict]: ...
+    def apply_all(self, inputs: list[tuple[str, int, pl.DataFrame | None]]) -> list[dict]: ...
     def flush(self) -> list[dict]: ...
     def state_size(self) -> int: ...
 
@@ -178,11 +168,7 @@ class _ShardLogic(StatefulBatchLogic[ShardInput, list[dict], bytes]):
         self._state = state
 
     def on_batch(self, inputs: list[ShardInput]):
-        rows = []
-        for item in inputs:
-            rows.extend(
-                self._state.apply(item.partition, item.watermark_ms, item.partials)
-            )
+        rows = self._state.apply_all([(i.partition, i.watermark_ms, i.partials) for i in inputs])
         self._report_size()
         return ([rows] if rows else ()), StatefulBatchLogic.RETAIN
 
@@ -208,7 +194,5 @@ def sharded_state(
     return op.stateful_batch(
         "shard",
         up,
-        lambda resume: _ShardLogic(
-            pickle.loads(resume) if resume is not None else new_state()
-        ),
+        lambda resume: _ShardLogic(pickle.loads(resume) if resume is not None else new_state()),
     )

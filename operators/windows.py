@@ -55,7 +55,10 @@ def window_partials(events: pl.DataFrame, shards: int) -> dict[int, pl.DataFrame
     partials = (
         pl.concat(per_size)
         .group_by("tenant", "type", "window", "start_ms")
-        .agg(pl.len().alias("count"), pl.col("user_id").drop_nulls().unique().alias("users"))
+        .agg(
+            pl.len().alias("count"),
+            pl.col("user_id").drop_nulls().unique().alias("users"),
+        )
     )
     keys = partials["tenant"] + "\x1f" + partials["type"]
     return split_by_shard(partials, shard_column(keys, shards))
@@ -89,24 +92,33 @@ class WindowState:
 
     def apply(self, partition: str, watermark_ms: int, partials: pl.DataFrame | None) -> list[dict]:
         """Merge one batch's partials, advance the watermark, return the rows to emit."""
+        return self.apply_all([(partition, watermark_ms, partials)])
+
+    def apply_all(self, inputs: list[tuple[str, int, pl.DataFrame | None]]) -> list[dict]:
+        """Like `apply` for several batches at once: every watermark is taken in before anything
+        closes, so a partition that is behind holds windows back even within one delivery."""
         revised: set[CellKey] = set()
-        if partials is not None:
-            for tenant, etype, label, start, count, users in partials.iter_rows():
-                key = (tenant, etype, label, start)
-                cell = self.cells.get(key)
-                if cell is None:
-                    end = start + WINDOW_SIZES_MS[label]
-                    if end <= self.horizon_ms:
-                        self.dropped_events += count
-                        continue
-                    cell = self.cells[key] = Cell()
-                    heapq.heappush(self.pending, (end, key))
-                elif cell.revision >= 0:
-                    revised.add(key)
-                cell.count += count
-                cell.users.update(users)
-        self.clock.update(partition, watermark_ms)
+        for partition, watermark_ms, partials in inputs:
+            if partials is not None:
+                self._absorb(partials, revised)
+            self.clock.update(partition, watermark_ms)
         return self._emit(self.clock.watermark_ms, revised)
+
+    def _absorb(self, partials: pl.DataFrame, revised: set[CellKey]) -> None:
+        for tenant, etype, label, start, count, users in partials.iter_rows():
+            key = (tenant, etype, label, start)
+            cell = self.cells.get(key)
+            if cell is None:
+                end = start + WINDOW_SIZES_MS[label]
+                if end <= self.horizon_ms:
+                    self.dropped_events += count
+                    continue
+                cell = self.cells[key] = Cell()
+                heapq.heappush(self.pending, (end, key))
+            elif cell.revision >= 0:
+                revised.add(key)
+            cell.count += count
+            cell.users.update(users)
 
     def flush(self) -> list[dict]:
         """End of input: emit every window that has not been emitted."""
