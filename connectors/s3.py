@@ -17,32 +17,33 @@ the lowest and highest `source` offsets among its rows (`events.raw/3/1288` → 
 `events.raw-3`, offset 1288; `sample.jsonl:12` → `sample.jsonl`, 12). Objects are zstd Parquet
 with the columns of `ENRICHED_SCHEMA`.
 
-**When a replay overwrites instead of duplicating.** The name depends only on which rows went
-into the flush, so a replay writes the same names exactly when its flushes cut the source
-partition at the same offsets as the first run:
+**Exactly once under crashes** (the protocol and its failure cases: docs/exactly-once.md, "S3").
+All rows of one source partition reach one sink partition in offset order, and every flush cuts
+the source at an offset (an epoch's checkpoint always flushes), so an object holds *every* row
+of its (tenant, date, hour, source partition) group whose offset lies in its name's range. Two
+objects of one group therefore share rows exactly when their offset ranges overlap, and within
+one run the objects of a group never overlap. After each put the sink removes every *other*
+object of the group whose range overlaps the new one: such an object was left by an attempt
+whose epoch never committed (a crash before the snapshot was persisted), and everything in it
+from the resume offset on is being written again by this run. Objects of committed epochs lie
+wholly before the resume offset, so they never overlap and are never touched. A replay with
+other flush boundaries, a crash between a put and its clean-up and a second crash during the
+replay all end with every event archived once (see the doc). The objects of a group are listed
+once per run (`<group>-` prefix, up to `GROUP_CACHE` groups remembered), then tracked in memory:
+this run is the only writer of its source partitions.
 
-* stable — a flush triggered by `SINK_MAX_BATCH_ROWS` when the source re-delivers the same
-  records in the same batches from the same starting offset (the JSON Lines source does); a
-  re-run of a whole file with the same settings; a retry of a failed write (same rows, same names);
-* not stable — flushes cut by `SINK_LINGER_S`, by the epoch checkpoint or by the end of input,
-  which depend on wall-clock timing; a Kafka source whose polls return differently sized batches.
-  Then a replay after a crash writes objects whose offset ranges overlap objects of the first
-  attempt: some events are archived twice (never lost). Readers that need exactness deduplicate on
-  `event_id`.
-
-Exactly-once under crashes will need the sink to make the objects of an epoch visible only when
-the epoch commits, e.g. write to `_staging/<epoch>/...`, record the staged keys in the partition's
-snapshot, and on the next epoch's snapshot (or on resume) copy the committed ones into place and
-delete staged objects that belong to no committed snapshot; alternatively cut objects only at
-offset boundaries fixed in advance (`offset // N`) and carry the open segment in the recovery
-state.
+Rows without a source offset (never produced by the pipeline's sources) are named by a hash of
+their event ids instead and take no part in the clean-up.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import logging
 import os
 import re
+from collections import OrderedDict
 from typing import Any
 from urllib.parse import quote
 
@@ -55,8 +56,11 @@ from connectors.base import SOURCE_PATTERN, Batch, Rejected, SinkWriter, Transie
 from dataflows.config import Settings
 from operators.model import ENRICHED_SCHEMA, as_dicts
 
+log = logging.getLogger(__name__)
+
 DUMMY_KEY = "test"
 MAX_KEY_BYTES = 1024  # S3's limit on object key length
+GROUP_CACHE = 4096  # groups whose objects a writer keeps track of (more are listed again)
 
 
 def client_kwargs(settings: Settings) -> dict[str, Any]:
@@ -135,12 +139,26 @@ def object_groups(frame: pl.DataFrame, prefix: str = "") -> list[tuple[str, pl.D
     groups = keyed.partition_by("tenant", "_date", "_hour", "_part", as_dict=True, maintain_order=True)
     for (tenant, day, hour, part), rows in groups.items():
         first, last = rows["_offset"].min(), rows["_offset"].max()
-        first = -1 if first is None else first
-        last = -1 if last is None else last
-        name = f"{partition_label(part)}-{first:012d}-{last:012d}.parquet"
+        if first is None:  # no offsets to name the object by: name it by its events
+            ids = "\n".join(sorted(rows["event_id"].fill_null("").to_list())).encode()
+            name = f"{partition_label(part)}-x{hashlib.blake2b(ids, digest_size=8).hexdigest()}.parquet"
+        else:
+            name = f"{partition_label(part)}-{first:012d}-{last:012d}.parquet"
         key = f"{prefix}tenant={quote(str(tenant), safe='')}/date={day}/hour={hour}/{name}"
         out.append((key, rows.drop("_part", "_offset", "_date", "_hour")))
     return out
+
+
+_OBJECT_NAME = re.compile(r"^(.+)-(\d+)-(\d+)\.parquet$")
+
+
+def object_range(key: str) -> tuple[str, int, int] | None:
+    """(group, first offset, last offset) of an archive key; the group is the key up to the
+    source partition label (`.../hour=09/events.raw-2`). None for a key named otherwise."""
+    match = _OBJECT_NAME.match(key)
+    if match is None:
+        return None
+    return match.group(1), int(match.group(2)), int(match.group(3))
 
 
 def parquet_bytes(frame: pl.DataFrame) -> bytes:
@@ -151,7 +169,7 @@ def parquet_bytes(frame: pl.DataFrame) -> bytes:
 
 class S3ArchiveSink(SinkWriter):
     """Every valid event as Parquet, one object per (tenant, date, hour, source partition) and
-    flush (see the module docstring for the key layout and when a replay overwrites)."""
+    flush; objects overlapping a new one are removed (see the module docstring)."""
 
     name = "s3"
 
@@ -161,6 +179,9 @@ class S3ArchiveSink(SinkWriter):
         self._prefix = settings.s3_prefix
         self._client = None
         self._bucket_missing = False
+        # group → {key: (first, last)} of objects this run did not write that may still overlap
+        # one it writes (listed on the group's first write, least recently used first)
+        self._others: OrderedDict[str, dict[str, tuple[int, int]]] = OrderedDict()
 
     def _s3(self):
         if self._client is None:
@@ -242,8 +263,60 @@ class S3ArchiveSink(SinkWriter):
             except ClientError as exc:  # this object cannot be stored
                 reason = _reason(exc)
                 rejected.extend(Rejected(row, reason) for row in as_dicts(rows))
+                continue
             except TransientSinkError as exc:
-                # Retry only the objects not yet put; each keeps its rows, so its name.
-                remaining = pl.concat([g for _, g in groups[i:]], how="vertical_relaxed")
-                raise TransientSinkError(str(exc), remaining=remaining, rejected=rejected) from exc
+                raise self._retry_from(groups, i, exc, rejected) from exc
+            try:
+                self._call(lambda: self._remove_overlapping(key), f"removing objects overlapping {key}")
+            except TransientSinkError as exc:
+                # Put again (same rows, same name) and then clean up.
+                raise self._retry_from(groups, i, exc, rejected) from exc
         return rejected
+
+    @staticmethod
+    def _retry_from(
+        groups: list[tuple[str, pl.DataFrame]], i: int, exc: TransientSinkError, rejected: list[Rejected]
+    ) -> TransientSinkError:
+        """Retry only the objects not yet done; each keeps its rows, so its name."""
+        remaining = pl.concat([g for _, g in groups[i:]], how="vertical_relaxed")
+        return TransientSinkError(str(exc), remaining=remaining, rejected=rejected)
+
+    def _remove_overlapping(self, key: str) -> None:
+        """Delete the other objects of `key`'s group whose offset range overlaps its own."""
+        parsed = object_range(key)
+        if parsed is None:
+            return
+        group, first, last = parsed
+        others = self._others.get(group)
+        if others is None:
+            others = self._list_group(group)
+            self._others[group] = others
+            while len(self._others) > GROUP_CACHE:
+                self._others.popitem(last=False)
+        else:
+            self._others.move_to_end(group)
+        others.pop(key, None)  # this run's object now, whoever wrote it before
+        for other, (other_first, other_last) in sorted(others.items()):
+            if other_last < first:
+                # Wholly before this object: a later write of this run starts later still.
+                del others[other]
+            elif other_first <= last:
+                self._s3().delete_object(Bucket=self._bucket, Key=other)
+                log.warning(
+                    "s3: removed %s, left by an attempt whose epoch did not commit; its rows "
+                    "are in %s and the objects this run writes after it",
+                    other, key,
+                )
+                del others[other]
+
+    def _list_group(self, group: str) -> dict[str, tuple[int, int]]:
+        found: dict[str, tuple[int, int]] = {}
+        pages = self._s3().get_paginator("list_objects_v2").paginate(
+            Bucket=self._bucket, Prefix=f"{group}-"
+        )
+        for page in pages:
+            for item in page.get("Contents", ()):
+                parsed = object_range(item["Key"])
+                if parsed is not None and parsed[0] == group:
+                    found[item["Key"]] = (parsed[1], parsed[2])
+        return found
