@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-unit stack-up stack-down stack-status bench clean
+.PHONY: install run test test-unit chaos stack-up stack-down stack-status bench clean
 
 install: $(STAMP)
 
@@ -26,6 +26,11 @@ test: install
 
 test-unit: install
 	$(PY) -m pytest -m "not servers" $(PYTEST_ARGS)
+
+# Long crash test: 50 SIGKILLs at random moments, output compared with a clean run.
+chaos: install
+	@bash stack/stack.sh up
+	$(PY) -m tests.chaos --kills 50
 
 stack-up:
 	@bash stack/stack.sh up
