@@ -45,7 +45,7 @@ def _print(args, data: dict, text: str) -> None:
 def cmd_init(args) -> int:
     from recovery.store import init_store
 
-    created, message = init_store(_dir(args.dir), args.partitions)
+    _, message = init_store(_dir(args.dir), args.partitions)
     print(message)
     return 0
 
@@ -73,8 +73,10 @@ def cmd_rewind(args) -> int:
             directory, args.epoch, backup=not args.no_backup, backup_dir=backup_dir
         )
         lines = [
-            f"rewound from epoch {result['from_epoch']} to {result['to_epoch']}: deleted "
-            f"{result['deleted_snapshots']} snapshot(s) of epoch {result['to_epoch']} or later",
+            (
+                f"rewound from epoch {result['from_epoch']} to {result['to_epoch']}: deleted "
+                f"{result['deleted_snapshots']} snapshot(s) of epoch {result['to_epoch']} or later"
+            ),
             f"backup: {result['backup'] or 'none (--no-backup)'}",
             "source position the next run starts from (was → now):",
         ]

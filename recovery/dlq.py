@@ -37,8 +37,18 @@ REBUILT_REASONS = {"enrichment_failed"}
 
 # The raw event's fields in contract order (operators/contracts/urn_nc_events_web.v1.json).
 _EVENT_FIELDS = (
-    "schema_urn", "version", "event_id", "type", "timestamp", "tenant", "user_id",
-    "session_id", "ip", "user_agent", "url", "correlation_id",
+    "schema_urn",
+    "version",
+    "event_id",
+    "type",
+    "timestamp",
+    "tenant",
+    "user_id",
+    "session_id",
+    "ip",
+    "user_agent",
+    "url",
+    "correlation_id",
 )
 
 
@@ -178,8 +188,12 @@ def rebuild_event(row: dict) -> dict:
     event = {name: row[name] for name in _EVENT_FIELDS if row.get(name) is not None}
     properties = row.get("properties")
     if properties is not None:
-        event["properties"] = orjson.loads(properties) if isinstance(properties, str) else properties
-    error = {k: row[f"error_{k}"] for k in ("message", "stack") if row.get(f"error_{k}") is not None}
+        event["properties"] = (
+            orjson.loads(properties) if isinstance(properties, str) else properties
+        )
+    error = {
+        k: row[f"error_{k}"] for k in ("message", "stack") if row.get(f"error_{k}") is not None
+    }
     if error:
         event["error"] = error
     return event
@@ -281,9 +295,7 @@ class KafkaTarget:
         if remaining:
             raise StoreError(f"{remaining} replayed record(s) not acknowledged by the broker")
         if self._errors:
-            raise StoreError(
-                f"{len(self._errors)} replayed record(s) failed: {self._errors[0]}"
-            )
+            raise StoreError(f"{len(self._errors)} replayed record(s) failed: {self._errors[0]}")
 
 
 class FileTarget:

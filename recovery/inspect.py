@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from datetime import UTC, datetime
 from typing import Any
 
@@ -81,7 +82,16 @@ def _value(snap: Snapshot) -> Any:
         return {"deleted": True}
     try:
         return summarize(snap.value())
-    except Exception as exc:  # an unreadable value must not hide the rest of the store
+    except (
+        pickle.UnpicklingError,
+        ImportError,
+        AttributeError,
+        TypeError,
+        ValueError,
+        EOFError,
+        KeyError,
+        IndexError,
+    ) as exc:  # one bad value must not hide the rest
         return {"unreadable": f"{type(exc).__name__}: {exc}"}
 
 

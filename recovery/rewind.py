@@ -90,7 +90,9 @@ def rewind_to_epoch(
             "and use --to-time"
         )
     source_step = store.source_step()
-    before = {s.state_key: s for s in store.snapshots_at(resume, source_step)} if source_step else {}
+    before = (
+        {s.state_key: s for s in store.snapshots_at(resume, source_step)} if source_step else {}
+    )
     after = {s.state_key: s for s in store.snapshots_at(epoch, source_step)} if source_step else {}
     backup_path = _backup(store, backup_dir, backup)
 
@@ -205,7 +207,9 @@ class KafkaView:
             if tp.error is not None:
                 raise StoreError(f"offsets_for_times {topic}/{tp.partition}: {tp.error}")
             # -1: no record at or after that time: start at the end of the partition
-            out[tp.partition] = tp.offset if tp.offset >= 0 else self.watermarks(topic, tp.partition)[1]
+            out[tp.partition] = (
+                tp.offset if tp.offset >= 0 else self.watermarks(topic, tp.partition)[1]
+            )
         return out
 
     def committed(self, topic: str, partition: int) -> int | None:

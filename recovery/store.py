@@ -177,8 +177,22 @@ def ensure_stopped(directory: Path) -> None:
 
 _SAFE_GLOBALS = {
     ("builtins", name)
-    for name in ("set", "frozenset", "dict", "list", "tuple", "bytes", "bytearray", "str", "int",
-                 "float", "bool", "complex", "slice", "range")
+    for name in (
+        "set",
+        "frozenset",
+        "dict",
+        "list",
+        "tuple",
+        "bytes",
+        "bytearray",
+        "str",
+        "int",
+        "float",
+        "bool",
+        "complex",
+        "slice",
+        "range",
+    )
 } | {
     ("collections", "OrderedDict"),
     ("collections", "defaultdict"),
@@ -282,13 +296,13 @@ class Store:
                 ):
                     if ex_num in executions:
                         raise StoreError(f"execution {ex_num} recorded twice")
-                    executions[ex_num] = dict(
-                        ex_num=ex_num,
-                        worker_count=workers,
-                        resume_epoch=resume,
-                        created_at=created,
-                        partition=part.index,
-                    )
+                    executions[ex_num] = {
+                        "ex_num": ex_num,
+                        "worker_count": workers,
+                        "resume_epoch": resume,
+                        "created_at": created,
+                        "partition": part.index,
+                    }
                 for ex_num, worker, frontier in conn.execute(
                     "SELECT ex_num, worker_index, worker_frontier FROM fronts"
                 ):
