@@ -126,9 +126,13 @@ def user_agent(ua: str) -> tuple:
 def enrich(event: dict, ingested_ms: int) -> dict:
     g = geo(event["ip"]) if event["ip"] else (None,) * 5
     u = user_agent(event["user_agent"]) if event["user_agent"] else (None,) * 5
-    event["geo_country"], event["geo_region"], event["geo_city"], event["geo_lat"], event[
-        "geo_lon"
-    ] = g
+    (
+        event["geo_country"],
+        event["geo_region"],
+        event["geo_city"],
+        event["geo_lat"],
+        event["geo_lon"],
+    ) = g
     (
         event["ua_browser"],
         event["ua_browser_major"],

@@ -41,7 +41,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from bench import workload
@@ -96,8 +96,8 @@ def delete_topics(brokers: str, prefix: str) -> None:
         for future in admin.delete_topics(names, operation_timeout=30).values():
             try:
                 future.result(30)
-            except Exception:  # noqa: BLE001 - best effort clean-up
-                pass
+            except Exception as exc:  # noqa: BLE001 - best effort clean-up
+                log(f"could not delete a bench topic: {exc}")
 
 
 def fast_producer(brokers: str, **overrides) -> Producer:
@@ -243,7 +243,12 @@ def run_job(job: Job, brokers: str, expected: int, logs: Path) -> dict:
         out = open(logs / f"{job.name}-{i}.log", "wb")  # noqa: SIM115 - closed below
         env_i = {**env, **(job.process_env[i] if job.process_env else {})}
         procs.append(
-            (subprocess.Popen(command, cwd=ROOT, env=env_i, stdout=out, stderr=subprocess.STDOUT), out)
+            (
+                subprocess.Popen(
+                    command, cwd=ROOT, env=env_i, stdout=out, stderr=subprocess.STDOUT
+                ),
+                out,
+            )
         )
     sampler = Sampler([p.pid for p, _ in procs])
     sampler.start()
@@ -283,11 +288,16 @@ def run_job(job: Job, brokers: str, expected: int, logs: Path) -> dict:
     first = min(s["first_read"] for s in stats if s["first_read"])
     end = max(s[job.end_key] for s in stats if s[job.end_key])
     records = sum(s["records"] for s in stats)
+    # Sink partitions built after the first read are start-up too (per process, in parallel).
+    setup = max(s.get("sink_setup_s", 0.0) for s in stats)
+    seconds = end - first - setup
     result = {
         "records": records,
-        "seconds": round(end - first, 2),
-        "startup_s": round(first - started, 2),
-        "events_per_s": round(records / (end - first)),
+        "seconds": round(seconds, 2),
+        "startup_s": round(first - started + setup, 2),
+        "sink_setup_s": round(setup, 2),
+        "records_per_read": round(records / max(1, sum(s.get("batches", 0) for s in stats))),
+        "events_per_s": round(records / seconds),
         **sampler.window(first, end),
     }
     if records != expected:
@@ -320,7 +330,13 @@ def ours_env(brokers: str, topic_in: str, prefix: str, *, stop_at_end: bool) -> 
 
 
 def ours_job(
-    name: str, brokers: str, topic_in: str, prefix: str, processes: int, *, extra: list[str] = (),
+    name: str,
+    brokers: str,
+    topic_in: str,
+    prefix: str,
+    processes: int,
+    *,
+    extra: list[str] = (),
     profile: Path | None = None,
 ) -> Job:
     env = ours_env(brokers, topic_in, prefix, stop_at_end=True)
@@ -328,7 +344,19 @@ def ours_job(
     base = [str(VENV_PY), "-m", "bench.launch"]
     if profile is not None:  # py-spy's collapsed stacks ("raw"), 100 samples/s
         spy = ROOT / ".venv" / "bin" / "py-spy"
-        base = [str(spy), "record", "-o", str(profile), "--format", "raw", "-r", "100", "--", *base]
+        base = [
+            str(spy),
+            "record",
+            "-o",
+            str(profile),
+            "--format",
+            "raw",
+            "-r",
+            "100",
+            "--idle",
+            "--",
+            *base,
+        ]
     if processes == 1:
         commands = [[*base, str(stats[0]), "dataflows.main", *extra]]
     else:
@@ -443,7 +471,12 @@ def percentiles(values: list[int]) -> dict:
 
 
 def latency_phase(
-    brokers: str, run_id: str, lines: list[bytes], partitions: int, rate: int, seconds: float,
+    brokers: str,
+    run_id: str,
+    lines: list[bytes],
+    partitions: int,
+    rate: int,
+    seconds: float,
     logs: Path,
 ) -> dict:
     prefix = f"bench.{run_id}.lat"
@@ -496,7 +529,9 @@ def latency_phase(
             producer.poll(0)
             if now >= next_report:
                 next_report = now + 5
-                log(f"  [latency] {now - started:4.0f}s sent={sent:,} out={len(watcher.rows) - warm:,}")
+                log(
+                    f"  [latency] {now - started:4.0f}s sent={sent:,} out={len(watcher.rows) - warm:,}"
+                )
             time.sleep(max(0.0, tick - (time.time() - now)) if per_tick else tick)
         producer.flush(30)
         achieved = sent / (time.time() - started)
@@ -520,6 +555,8 @@ def latency_phase(
         "rate_achieved": round(achieved),
         "seconds": seconds,
         "epoch_interval_s": 1,
+        "records_sent": sent,
+        "records_out": len(watcher.rows) - warm,
         "records_measured": len(rows),
         "sink_ms": percentiles([ts - ing for ts, _, ing in rows]),
         "visible_ms": percentiles([seen - ing for _, seen, ing in rows]),
@@ -534,19 +571,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="throughput (ours, naive, quix), scaling, latency")
-    run.add_argument("--brokers", default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"))
-    run.add_argument("--events", type=int, default=1_000_000)
+    run.add_argument(
+        "--brokers", default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
+    )
+    run.add_argument("--events", type=int, default=500_000)
     run.add_argument("--partitions", type=int, default=8)
     run.add_argument("--seed", type=int, default=42)
     run.add_argument("--span-s", type=float, default=4 * 3600)
-    run.add_argument("--repeat", type=int, default=2, help="runs per job; the best counts")
+    run.add_argument("--repeat", type=int, default=1, help="runs per job; the best counts")
     run.add_argument("--rate", type=int, default=50_000, help="latency phase: events/s")
-    run.add_argument("--latency-s", type=float, default=30)
+    run.add_argument("--latency-s", type=float, default=20)
     run.add_argument(
         "--skip", default="", help="comma list of phases to skip: naive,quix,scaling,latency"
     )
     run.add_argument(
-        "--profile", action="store_true",
+        "--profile",
+        action="store_true",
         help="run ours under py-spy; collapsed stacks in the run's log directory",
     )
     run.add_argument("--keep-topics", action="store_true", help="do not delete bench topics")
@@ -557,8 +597,10 @@ def main(argv: list[str] | None = None) -> int:
     logs = CACHE / "logs" / run_id
     logs.mkdir(parents=True, exist_ok=True)
     brokers = args.brokers
-    log(f"bench run {run_id}: {args.events:,} events, {args.partitions} partitions; logs in "
-        f"{logs.relative_to(ROOT)}")
+    log(
+        f"bench run {run_id}: {args.events:,} events, {args.partitions} partitions; logs in "
+        f"{logs.relative_to(ROOT)}"
+    )
     lines = load_lines(data_file(args.events, args.seed, args.span_s))
     topic_in = f"bench.{run_id}.raw"
     create_topics(brokers, [topic_in], args.partitions)
@@ -582,14 +624,16 @@ def main(argv: list[str] | None = None) -> int:
         results["ours"] = measure(
             "ours",
             lambda n, p: ours_job(
-                n, brokers, topic_in, p, 1,
+                n,
+                brokers,
+                topic_in,
+                p,
+                1,
                 profile=logs / f"{n}.pyspy.txt" if args.profile else None,
             ),
         )
         if "naive" not in skip:
-            results["naive"] = measure(
-                "naive", lambda n, p: naive_job(n, brokers, topic_in, p)
-            )
+            results["naive"] = measure("naive", lambda n, p: naive_job(n, brokers, topic_in, p))
         if "quix" not in skip:
             python = ensure_quix_venv()
             if python is None:

@@ -49,9 +49,7 @@ def _merge(a: tuple[int, set], b: tuple[int, set]) -> tuple[int, set]:
 def build() -> Dataflow:
     flow = Dataflow("naive_pipeline")
     messages = op.input("read", flow, KafkaSource([BROKERS], [TOPIC_IN], tail=False))
-    checked = op.map(
-        "validate", messages, lambda m: (baseline.validate(m.value), m.timestamp[1])
-    )
+    checked = op.map("validate", messages, lambda m: (baseline.validate(m.value), m.timestamp[1]))
     split = op.branch("valid", checked, lambda item: item[0][0] is not None)
     enriched = op.map("enrich", split.trues, lambda item: baseline.enrich(item[0][0], item[1]))
     rejected = op.map(
