@@ -30,7 +30,10 @@ Everything else lives here, once:
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import logging
+import os
 import random
 import re
 import threading
@@ -41,7 +44,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 import polars as pl
@@ -190,28 +193,116 @@ def split_source(source: str) -> tuple[str, int | None]:
 # --- dead letters -----------------------------------------------------------------------------
 
 
-class JsonLinesDeadLetters:
-    """Appends DLQ records to one JSON Lines file (shared by every partition of the process).
+def dead_letter_identity(record: dict) -> bytes:
+    """What makes two DLQ records the same dead letter (a 16-byte digest): the stage and the
+    source when the source names one input record (`events.raw/3/1288`, `sample.jsonl:12`); for
+    rows without one (window and session rows carry the source `sink:<store>`), the whole record
+    except `failed_at`, so only an identical rejection counts as the same."""
+    stage, source = record.get("stage"), record.get("source")
+    if stage and isinstance(source, str) and split_source(source)[1] is not None:
+        text = f"{stage}|{source}".encode()
+    else:
+        text = orjson.dumps(
+            {k: v for k, v in record.items() if k != "failed_at"},
+            option=orjson.OPT_SORT_KEYS,
+            default=str,
+        )
+    return hashlib.blake2b(text, digest_size=16).digest()
 
-    Each call writes its records with one `write` on a file opened in append mode, so lines from
-    concurrent workers never interleave. The file is append-only: a replay after a crash can append
-    a record a second time.
+
+class JsonLinesDeadLetters:
+    """Appends DLQ records to one JSON Lines file (shared by every partition of the process), each
+    dead letter once.
+
+    Crash safety: the identities (`dead_letter_identity`) of the records already in the file are
+    loaded on the first call of the process, and a record whose identity is there is not appended
+    again, so a replay after a crash (which hands the same rejected rows to the DLQ again) adds
+    nothing. Each call appends its new records at the end of the file and `fsync`s before
+    returning, so what the sink counted as written before a checkpoint survives a machine crash
+    too. A line torn by a crash in the middle of an append is cut off before the next append (its
+    record is handed over again by the replay); a failed append is truncated back. Appends hold an
+    exclusive `flock` on the file (and a lock within the process), so lines never interleave. A
+    row is rejected by the one sink partition that owns it, so processes sharing the file never
+    append the same dead letter in one run; after a restart every process loads the file anew.
     """
 
     _lock = threading.Lock()
+    _seen: ClassVar[dict[Path, set[bytes]]] = {}  # per file: identities of its records
 
     def __init__(self, path: Path):
         self.path = Path(path)
 
     def __call__(self, records: list[dict]) -> None:
-        data = b"".join(orjson.dumps(r) + b"\n" for r in records)
+        key = self.path.absolute()
         try:
             with self._lock:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                with self.path.open("ab") as handle:
-                    handle.write(data)
+                created = not self.path.exists()
+                with self.path.open("a+b", buffering=0) as handle:
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX)  # released when closed
+                    seen = self._seen.get(key)
+                    if seen is None:
+                        seen = self._seen[key] = self._load(handle)
+                    fresh, ids = [], set()
+                    for record in records:
+                        identity = dead_letter_identity(record)
+                        if identity not in seen and identity not in ids:
+                            ids.add(identity)
+                            fresh.append(record)
+                    if fresh:
+                        self._append(handle, b"".join(orjson.dumps(r) + b"\n" for r in fresh))
+                        seen |= ids
+                if created:
+                    _fsync_directory(self.path.parent)
         except OSError as exc:  # a full or read-only disk: hold on and retry, never drop
             raise TransientSinkError(f"appending to {self.path}: {exc}") from exc
+
+    def _load(self, handle) -> set[bytes]:
+        handle.seek(0)
+        data = handle.read()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):
+            log.warning(
+                "dead letters %s: cutting off a torn last line (%d bytes) left by a crash",
+                self.path, len(data) - end,
+            )
+            os.ftruncate(handle.fileno(), end)
+            os.fsync(handle.fileno())
+        seen = set()
+        for line in data[:end].splitlines():
+            try:
+                record = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                seen.add(dead_letter_identity(record))
+        return seen
+
+    def _append(self, handle, data: bytes) -> None:
+        fd = handle.fileno()
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":  # a torn line: cut it off first
+            self._seen.setdefault(self.path.absolute(), set()).update(self._load(handle))
+            size = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:  # O_APPEND: every write lands at the end
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        except OSError:
+            try:  # leave no partial line behind; the records are handed over again
+                os.ftruncate(fd, size)
+            except OSError:
+                self._seen.pop(self.path.absolute(), None)  # reload (and cut) on the next call
+            raise
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class FanOutDeadLetters:

@@ -8,6 +8,7 @@ librdkafka properties and win over the defaults; pass dotted names by unpacking 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from connectors.base import oldest_ingested_at
+from connectors.base import TransientSinkError, oldest_ingested_at
 from dataflows import metrics
 from dataflows.config import Settings
 from operators.model import RawBatch, RawRecord, as_dicts
@@ -621,3 +622,111 @@ class KafkaStreamSink(FixedPartitionedSink[Rows, SinkState]):
             resume_state,
             stream=self._stream,
         )
+
+
+# --- dead letters of the store sinks ---------------------------------------------------------
+
+
+class KafkaDeadLetters:
+    """The store sinks' `sink_failed` records → `topic` (`KAFKA_TOPIC_DLQ`).
+
+    Called from inside a store sink's flush, outside the stream sinks' epoch transactions, so it
+    has its own non-transactional, idempotent producer (`enable.idempotence`, acks=all: a record
+    librdkafka retries is not stored twice). Each record is keyed like the `dlq` stream
+    (`fmt.key`: the correlation id) and carries the header `pipeline-id` (`fmt.identity`:
+    `<stage>|<source>`), the identity a consumer deduplicates on.
+
+    A call returns once the broker has acknowledged every record of it (it flushes), and raises
+    `connectors.base.TransientSinkError` while it cannot: broker unreachable, local queue full, a
+    failed delivery. The sink base then calls again with the same records; records of the failed
+    call still in flight or already acknowledged are not produced again, so a retry adds no
+    duplicate. Messages never time out locally (`message.timeout.ms=0`): they wait in librdkafka's
+    queue for as long as the broker is away. A replay after a crash hands the same rejected rows
+    over again (the DLQ is written before the epoch commits); those records carry the same
+    `pipeline-id`.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        topic: str | None = None,
+        fmt: StreamFormat | None = None,
+        *,
+        flush_timeout_s: float = 10.0,
+        new_producer: Callable[[], Producer] | None = None,
+    ):
+        self._topic = topic or settings.kafka_topic_dlq
+        self._key = fmt.key if fmt is not None else (lambda row: row.get("correlation_id"))
+        self._identity = (
+            fmt.identity if fmt is not None else (lambda row: f"{row['stage']}|{row['source']}")
+        )
+        self._flush_timeout_s = flush_timeout_s
+        self._new_producer = new_producer or (
+            lambda: producer(settings, **{"linger.ms": 5, "message.timeout.ms": 0})
+        )
+        self._producer: Producer | None = None
+        self._lock = threading.Lock()
+        self._acked: dict[bytes, bool] = {}  # record digest → acknowledged (False: in flight)
+        self._last_error: str | None = None
+
+    def __call__(self, records: list[dict]) -> None:
+        with self._lock:
+            self._last_error = None
+            if self._producer is None:
+                try:
+                    self._producer = self._new_producer()
+                except KafkaException as exc:
+                    raise TransientSinkError(f"dead letters to {self._topic}: {exc}") from exc
+            digests = [
+                orjson.dumps(r, option=orjson.OPT_SORT_KEYS, default=str) for r in records
+            ]
+            for digest, record in zip(digests, records, strict=True):
+                if digest not in self._acked:
+                    self._produce(digest, record)
+            self._producer.flush(self._flush_timeout_s)
+            waiting = sum(1 for d in set(digests) if not self._acked.get(d))
+            if waiting:
+                raise TransientSinkError(
+                    f"dead letters to {self._topic}: {waiting} of {len(set(digests))} not "
+                    f"acknowledged within {self._flush_timeout_s:g}s"
+                    + (f" ({self._last_error})" if self._last_error else "")
+                )
+            for digest in digests:
+                self._acked.pop(digest, None)
+
+    def _produce(self, digest: bytes, record: dict) -> None:
+        key = self._key(record)
+        self._acked[digest] = False
+        try:
+            self._producer.produce(
+                self._topic,
+                orjson.dumps(record),
+                None if key is None else str(key).encode(),
+                headers=[(ID_HEADER, self._identity(record).encode())],
+                on_delivery=lambda error, _message: self._delivered(digest, error),
+            )
+        except BufferError as exc:  # the local queue is full: the broker is far behind
+            del self._acked[digest]
+            self._producer.poll(1.0)
+            raise TransientSinkError(f"dead letters to {self._topic}: {exc}") from exc
+        except KafkaException as exc:
+            del self._acked[digest]
+            if exc.args and exc.args[0].fatal():
+                self._reset()
+            raise TransientSinkError(f"dead letters to {self._topic}: {exc}") from exc
+
+    def _delivered(self, digest: bytes, error: KafkaError | None) -> None:
+        if error is None:
+            if digest in self._acked:
+                self._acked[digest] = True
+            return
+        self._last_error = error.str()
+        self._acked.pop(digest, None)  # produced again on the next call
+        if error.fatal():
+            self._reset()
+
+    def _reset(self) -> None:
+        """A fatal producer error: start over with a new producer (the records in flight are
+        produced again, so a broker may then hold one of them twice)."""
+        self._producer = None
+        self._acked = {d: True for d, acked in self._acked.items() if acked}

@@ -141,7 +141,8 @@ def object_groups(frame: pl.DataFrame, prefix: str = "") -> list[tuple[str, pl.D
         first, last = rows["_offset"].min(), rows["_offset"].max()
         if first is None:  # no offsets to name the object by: name it by its events
             ids = "\n".join(sorted(rows["event_id"].fill_null("").to_list())).encode()
-            name = f"{partition_label(part)}-x{hashlib.blake2b(ids, digest_size=8).hexdigest()}.parquet"
+            digest = hashlib.blake2b(ids, digest_size=8).hexdigest()
+            name = f"{partition_label(part)}-x{digest}.parquet"
         else:
             name = f"{partition_label(part)}-{first:012d}-{last:012d}.parquet"
         key = f"{prefix}tenant={quote(str(tenant), safe='')}/date={day}/hour={hour}/{name}"
@@ -267,7 +268,10 @@ class S3ArchiveSink(SinkWriter):
             except TransientSinkError as exc:
                 raise self._retry_from(groups, i, exc, rejected) from exc
             try:
-                self._call(lambda: self._remove_overlapping(key), f"removing objects overlapping {key}")
+                self._call(
+                    lambda key=key: self._remove_overlapping(key),
+                    f"removing objects overlapping {key}",
+                )
             except TransientSinkError as exc:
                 # Put again (same rows, same name) and then clean up.
                 raise self._retry_from(groups, i, exc, rejected) from exc
@@ -275,7 +279,10 @@ class S3ArchiveSink(SinkWriter):
 
     @staticmethod
     def _retry_from(
-        groups: list[tuple[str, pl.DataFrame]], i: int, exc: TransientSinkError, rejected: list[Rejected]
+        groups: list[tuple[str, pl.DataFrame]],
+        i: int,
+        exc: TransientSinkError,
+        rejected: list[Rejected],
     ) -> TransientSinkError:
         """Retry only the objects not yet done; each keeps its rows, so its name."""
         remaining = pl.concat([g for _, g in groups[i:]], how="vertical_relaxed")

@@ -19,7 +19,7 @@ from connectors.base import (
     StoreSink,
 )
 from connectors.files import DirectorySink, RunSummary
-from connectors.kafka import KafkaStreamSink, StreamFormat
+from connectors.kafka import KafkaDeadLetters, KafkaStreamSink, StreamFormat
 from connectors.opensearch import OpenSearchSink
 from connectors.postgres import PostgresSink
 from connectors.redis import RedisAggregatesSink
@@ -98,31 +98,30 @@ SINK_FAILED_FILE = "sink-failed.jsonl"
 
 
 def sink_dead_letters(settings: Settings) -> DeadLetters:
-    """The DLQ of the store sinks: `<PIPELINE_OUTPUT_DIR>/dlq/sink-failed.jsonl` (appended) with
-    `local`, Kafka `events.dlq` with `kafka` once `kafka_dead_letters` provides a writer. With
-    neither, each record is logged at ERROR."""
+    """The DLQ of the store sinks: `<PIPELINE_OUTPUT_DIR>/dlq/sink-failed.jsonl` (appended, each
+    dead letter once) with `local`, `KAFKA_TOPIC_DLQ` with `kafka`. With neither, each record is
+    logged at ERROR."""
     targets: list[DeadLetters] = []
     if "local" in settings.sinks:
         targets.append(
             JsonLinesDeadLetters(settings.pipeline_output_dir / "dlq" / SINK_FAILED_FILE)
         )
     if "kafka" in settings.sinks:
-        kafka_target = kafka_dead_letters(settings)
-        if kafka_target is not None:
-            targets.append(kafka_target)
+        targets.append(kafka_dead_letters(settings))
     return FanOutDeadLetters(targets)
 
 
-def kafka_dead_letters(settings: Settings) -> DeadLetters | None:
-    """Hook for Kafka: a writer of `sink_failed` records to `KAFKA_TOPIC_DLQ`.
+def kafka_dead_letters(settings: Settings) -> DeadLetters:
+    """`sink_failed` records to `KAFKA_TOPIC_DLQ`, keyed and identified like the `dlq` stream
+    (`KAFKA_FORMATS["dlq"]`: key = correlation id, header `pipeline-id` = `<stage>|<source>`).
 
-    Contract: return a callable taking a list of DLQ records that returns only once the broker has
-    acknowledged every one of them (keyed like the `dlq` stream, `KAFKA_FORMATS["dlq"].key`), and raises
-    `connectors.base.TransientSinkError` while it cannot (the sink base then retries with backoff).
-    The records are written from inside a store sink's flush, outside the Kafka stream sink's
-    epoch transactions. Not provided yet: returns None.
+    Returns once the broker has acknowledged every record and raises
+    `connectors.base.TransientSinkError` while it cannot (the sink base then retries with
+    backoff). The records are written from inside a store sink's flush with an idempotent,
+    non-transactional producer, outside the Kafka stream sink's epoch transactions (see
+    `connectors.kafka.KafkaDeadLetters`). The producer is created on the first record.
     """
-    return None
+    return KafkaDeadLetters(settings, kafka_topic(settings, "dlq"), KAFKA_FORMATS["dlq"])
 
 
 def attach_sinks(outputs: Outputs, settings: Settings) -> None:

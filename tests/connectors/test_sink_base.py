@@ -19,6 +19,8 @@ from connectors.base import (
     SinkWriter,
     StoreSink,
     TransientSinkError,
+    dead_letter_identity,
+    rejection_records,
     split_source,
 )
 from dataflows.metrics import InMemoryMetrics, NoopMetrics
@@ -328,6 +330,84 @@ def test_jsonl_dead_letters_append(tmp_path):
     target([{"a": 2}, {"a": 3}])
     lines = (tmp_path / "dlq" / "sink-failed.jsonl").read_bytes().splitlines()
     assert [orjson.loads(line) for line in lines] == [{"a": 1}, {"a": 2}, {"a": 3}]
+
+
+def _restart(target: JsonLinesDeadLetters) -> JsonLinesDeadLetters:
+    """The same file seen by a new process (nothing remembered in memory)."""
+    JsonLinesDeadLetters._seen.pop(target.path.absolute(), None)
+    return JsonLinesDeadLetters(target.path)
+
+
+def _sink_failed(i: int, **row) -> dict:
+    row = {"event_id": f"ev-{i}", "source": f"events.raw/3/{1000 + i}", "correlation_id": f"c-{i}", **row}
+    return rejection_records("postgres", [Rejected(row, "bad row")])[0]
+
+
+def test_jsonl_dead_letters_are_appended_once_even_after_a_replay(tmp_path):
+    path = tmp_path / "dlq" / "sink-failed.jsonl"
+    target = JsonLinesDeadLetters(path)
+    target([_sink_failed(1), _sink_failed(2)])
+    target([_sink_failed(2), _sink_failed(3), _sink_failed(3)])  # the same row again: skipped
+    # A crash, and the replay hands the same rejected rows over again (with a new failed_at).
+    target = _restart(target)
+    target([_sink_failed(1), _sink_failed(3), _sink_failed(4)])
+    records = [orjson.loads(line) for line in path.read_bytes().splitlines()]
+    assert [orjson.loads(r["payload"])["event_id"] for r in records] == ["ev-1", "ev-2", "ev-3", "ev-4"]
+    # The same event rejected by another store is another dead letter.
+    other = rejection_records("s3", [Rejected(orjson.loads(records[0]["payload"]), "too long")])
+    target(other)
+    assert len(path.read_bytes().splitlines()) == 5
+
+
+def test_jsonl_dead_letters_identity_of_rows_without_a_source_offset():
+    window = {"tenant": "acme", "event_type": "click", "window": "1m", "window_start": "x", "count": 3, "revision": 0}
+    (a,) = rejection_records("redis", [Rejected(window, "WRONGTYPE")])
+    (b,) = rejection_records("redis", [Rejected(window, "WRONGTYPE")])
+    (c,) = rejection_records("redis", [Rejected({**window, "count": 4}, "WRONGTYPE")])
+    assert a["source"] == "sink:redis"
+    assert dead_letter_identity(a) == dead_letter_identity({**b, "failed_at": "later"})
+    assert dead_letter_identity(a) != dead_letter_identity(c)  # another row: another dead letter
+
+
+def test_jsonl_dead_letters_cut_a_line_torn_by_a_crash(tmp_path):
+    path = tmp_path / "sink-failed.jsonl"
+    target = JsonLinesDeadLetters(path)
+    target([_sink_failed(1)])
+    whole = path.read_bytes()
+    torn = orjson.dumps(_sink_failed(2))
+    path.write_bytes(whole + torn[: len(torn) // 2])  # the process died in the middle of an append
+    target = _restart(target)
+    target([_sink_failed(2)])  # the replay hands the record over again
+    lines = path.read_bytes().splitlines()
+    assert [orjson.loads(line)["source"] for line in lines] == ["events.raw/3/1001", "events.raw/3/1002"]
+    # A torn tail that appears while this process runs is cut before the next append, too.
+    path.write_bytes(path.read_bytes() + b'{"reason": "sink_fa')
+    target([_sink_failed(3)])
+    assert [orjson.loads(line)["source"] for line in path.read_bytes().splitlines()] == [
+        "events.raw/3/1001", "events.raw/3/1002", "events.raw/3/1003",
+    ]
+
+
+def test_jsonl_dead_letters_failed_append_leaves_no_partial_line(tmp_path, monkeypatch):
+    from connectors import base
+
+    path = tmp_path / "sink-failed.jsonl"
+    target = JsonLinesDeadLetters(path)
+    target([_sink_failed(1)])
+    real_write = base.os.write
+
+    def disk_full(fd, data):
+        real_write(fd, bytes(data[:10]))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(base.os, "write", disk_full)
+    with pytest.raises(TransientSinkError, match="No space left"):
+        target([_sink_failed(2)])
+    monkeypatch.setattr(base.os, "write", real_write)
+    target([_sink_failed(2)])  # the retry
+    assert [orjson.loads(line)["source"] for line in path.read_bytes().splitlines()] == [
+        "events.raw/3/1001", "events.raw/3/1002",
+    ]
 
 
 def test_fan_out_without_targets_logs_each_record(caplog):
