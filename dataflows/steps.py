@@ -81,9 +81,10 @@ class Validate:
 
     def __call__(self, batch: RawBatch) -> EventBatch:
         checked = decode_batch(batch, self._registry)
-        m = metrics.get()
-        m.events_in(INPUT_STREAM, len(batch.records))
-        m.batch_size("validate", len(batch.records))
+        if batch.records:  # a Kafka partition announces itself with an empty first batch
+            m = metrics.get()
+            m.events_in(INPUT_STREAM, len(batch.records))
+            m.batch_size("validate", len(batch.records))
         if checked.dlq:
             count_dead_letters("validate", batch.partition, checked.dlq)
         return checked
@@ -100,7 +101,8 @@ class Enrich:
         if self._enricher is None:
             self._enricher = Enricher(self._settings)
         events, failed = self._enricher.enrich(batch.events)
-        metrics.get().batch_size("enrich", batch.events.height)
+        if batch.events.height:
+            metrics.get().batch_size("enrich", batch.events.height)
         if failed:
             count_dead_letters("enrich", batch.partition, failed)
         return EventBatch(batch.partition, events, batch.dlq + failed)

@@ -16,9 +16,14 @@ from pathlib import Path
 
 import pytest
 
+from dataflows import metrics
 from dataflows.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# No test process serves /metrics: importing dataflows.main starts the endpoint of whatever
+# `metrics.get()` returns, so it returns a no-op unless a test installs its own recorder.
+metrics.install(metrics.NoopMetrics())
 
 
 @pytest.fixture(scope="session")
