@@ -353,7 +353,6 @@ def ours_job(
             "raw",
             "-r",
             "100",
-            "--idle",
             "--",
             *base,
         ]
