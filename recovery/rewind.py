@@ -81,13 +81,20 @@ def rewind_to_epoch(
     oldest = store.oldest_rewind_epoch
     if epoch > resume:
         raise StoreError(f"epoch {epoch} is after the resume epoch {resume}; nothing to rewind")
-    if epoch < max(oldest, 1):
+    commit = store.commit_epoch
+    if commit is not None and epoch <= commit:
         raise StoreError(
             f"cannot rewind to epoch {epoch}: the store was garbage-collected up to epoch "
-            f"{store.commit_epoch}, so the oldest complete state is that of resume epoch "
-            f"{oldest}. Older snapshots are only kept for the backup interval "
+            f"{commit}, so the oldest complete state is that of resume epoch {commit + 1}. "
+            "Older snapshots are only kept for the backup interval "
             "(BYTEWAX_RECOVERY_BACKUP_INTERVAL / -b). To go further back, start a fresh store "
             "and use --to-time"
+        )
+    if epoch < oldest:
+        raise StoreError(
+            f"cannot rewind to epoch {epoch}: the source has no position before it for every "
+            f"partition (the oldest epoch with one is {oldest}); a partition without one would "
+            "start from the consumer group's offset. To start over, use a fresh store"
         )
     source_step = store.source_step()
     before = (

@@ -361,9 +361,15 @@ class Store:
 
         Garbage collection at commit epoch C keeps, per key, the newest snapshot at or below C,
         so resuming from E (which loads the newest snapshot below E) is exact for E ≥ C + 1.
+        And every source partition must have a position below E: without one the source would
+        start that partition from the consumer group's offset, not from epoch E.
         """
         commit = self.commit_epoch
-        return DEFAULT_EPOCH if commit is None else commit + 1
+        oldest = DEFAULT_EPOCH if commit is None else commit + 1
+        source = self.source_step()
+        for epochs in self.step_keys.get(source, {}).values() if source else ():
+            oldest = max(oldest, epochs[0] + 1)
+        return min(oldest, self.resume_epoch)
 
     def resume_problem(self) -> str | None:
         """Why Bytewax would refuse to resume from this store, if it would."""

@@ -231,6 +231,17 @@ def test_rewind_refuses_epochs_whose_snapshots_were_collected(finished_store, tm
     assert Store.open(store_dir).resume_epoch == resume
 
 
+def test_rewind_refuses_an_epoch_before_the_first_source_position(kept_store, tmp_path, capsys):
+    store_dir = tmp_path / "store"
+    shutil.copytree(kept_store[0], store_dir)
+    store = Store.open(store_dir)
+    first = store.step_keys["event_pipeline.read"]["events.jsonl"][0]
+    assert store.oldest_rewind_epoch == first + 1
+    assert main(["rewind", "--dir", str(store_dir), "--epoch", str(first)]) == 1
+    assert "the source has no position before it" in capsys.readouterr().err
+    assert Store.open(store_dir).resume_epoch == store.resume_epoch
+
+
 def test_rewind_to_an_epoch_then_resume_reproduces_the_run(kept_store, events_file, tmp_path):
     store_dir, original_out = kept_store
     store = Store.open(store_dir)
