@@ -56,7 +56,7 @@ def cmd_inspect(args) -> int:
 
     directory = _dir(args.dir)
     active = [p.name for p in active_partitions(directory)]
-    info = describe(Store.open(directory), active=active)
+    info = describe(Store.open(directory), active=active, epoch=args.epoch)
     _print(args, info, format_text(info, keys_per_step=args.keys))
     return 0
 
@@ -182,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--dir", help=dir_help)
     inspect.add_argument("--json", action="store_true", help="everything, as JSON")
     inspect.add_argument("--keys", type=int, default=8, help="state keys shown per step")
+    inspect.add_argument(
+        "--epoch", type=int, help="show the state a run resuming from this epoch would load"
+    )
     inspect.set_defaults(func=cmd_inspect)
 
     rewind = commands.add_parser("rewind", help="reprocess from an earlier point on the next run")

@@ -104,9 +104,13 @@ def _role(step_id: str) -> str:
     return "state"
 
 
-def describe(store: Store, *, active: list[str] | None = None) -> dict[str, Any]:
+def describe(
+    store: Store, *, active: list[str] | None = None, epoch: int | None = None
+) -> dict[str, Any]:
+    """The store, with the state a run resuming from `epoch` (default: the resume epoch) loads
+    under each step's `at_resume`."""
     resume = store.resume_epoch
-    at_resume = store.snapshots_at(resume)
+    at_resume = store.snapshots_at(resume if epoch is None else epoch)
     steps: dict[str, Any] = {}
     for step, keys in store.step_keys.items():
         all_epochs = [e for epochs in keys.values() for e in epochs]
@@ -164,6 +168,7 @@ def describe(store: Store, *, active: list[str] | None = None) -> dict[str, Any]
             "fresh": last is None,
             "problem": store.resume_problem(),
         },
+        "state_at_epoch": resume if epoch is None else epoch,
         "commits": {str(i): e for i, e in store.commits.items()},
         "rewind": {
             "oldest_epoch": store.oldest_rewind_epoch,
@@ -227,7 +232,9 @@ def format_text(info: dict[str, Any], *, keys_per_step: int = 8) -> str:
 
     source = info["source"]
     if source is not None:
-        lines.append(f"  source ({source['kind']}, step {source['step']}) at the resume epoch:")
+        at = info["state_at_epoch"]
+        when = "the resume epoch" if at == resume["epoch"] else f"epoch {at} (as --epoch {at})"
+        lines.append(f"  source ({source['kind']}, step {source['step']}) at {when}:")
         if source["kind"] == "kafka":
             for topic, offsets in source["offsets"].items():
                 for partition, offset in sorted(offsets.items(), key=lambda kv: int(kv[0])):

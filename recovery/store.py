@@ -439,7 +439,9 @@ def init_store(directory: Path, count: int) -> tuple[bool, str]:
     """Create a store of `count` partitions unless it exists; (created, message).
 
     Idempotent for the same count; refuses another count, an incomplete set, or a directory
-    holding anything else (so a mistyped path never mixes with other data).
+    holding anything else (so a mistyped path never mixes with other data). Hidden entries
+    (a `.rewind-backup-*` copy, an old store moved aside into `.old-*`) and `lost+found` are
+    not in the way: Bytewax only opens `*.sqlite3` files directly in the directory.
     """
     from bytewax.recovery import init_db_dir
 
@@ -457,7 +459,11 @@ def init_store(directory: Path, count: int) -> tuple[bool, str]:
             )
         return False, f"recovery store present: {present} partitions in {directory}"
     if directory.is_dir():
-        others = sorted(p.name for p in directory.iterdir() if p.name != "lost+found")
+        others = sorted(
+            p.name
+            for p in directory.iterdir()
+            if p.name != "lost+found" and not p.name.startswith(".")
+        )
         if others:
             raise StoreError(
                 f"{directory} holds other files but no recovery partitions ("

@@ -126,6 +126,9 @@ def test_init_refuses_an_incomplete_store_and_foreign_files(tmp_path):
     with pytest.raises(StoreError, match="holds other files"):
         init_store(tmp_path / "b", 3)
     assert not list((tmp_path / "b").glob("*.sqlite3"))
+    (tmp_path / "c" / ".old-store").mkdir(parents=True)  # a store moved aside is no obstacle
+    (tmp_path / "c" / ".old-store" / "part-0.sqlite3").write_bytes(b"")
+    assert init_store(tmp_path / "c", 2)[0]
 
 
 def test_partitions_of_two_stores_are_not_mixed(tmp_path):
@@ -254,6 +257,7 @@ def test_rewind_to_an_epoch_then_resume_reproduces_the_run(kept_store, events_fi
     shutil.copytree(store_dir, work)
     out = tmp_path / "out"
     shutil.copytree(original_out, out)
+    preview = describe(store, epoch=epoch)["source"]["files"][events_file.name]
     result = rewind_to_epoch(work, epoch, backup_dir=tmp_path / "backup")
 
     rewound = Store.open(work)
@@ -263,6 +267,7 @@ def test_rewind_to_an_epoch_then_resume_reproduces_the_run(kept_store, events_fi
     (position,) = result["source"].values()
     assert position["before"][0] == events_file.stat().st_size
     assert 0 < position["after"][0] < position["before"][0]
+    assert position["after"] == [preview["offset"], preview["line"]]  # what inspect --epoch showed
     assert Store.open(tmp_path / "backup").resume_epoch == resume  # the copy is the old store
 
     run_flow(events_file, out, work, backup=timedelta(hours=1))
