@@ -90,6 +90,8 @@ def test_an_unreachable_broker_is_transient_and_nothing_is_produced_twice():
         with pytest.raises(TransientSinkError, match="not acknowledged"):
             target(records)
     assert len(target._producer) == 2  # still queued once each, waiting for the broker
+    target._producer.purge()
+    target._producer = None  # no more connection attempts (and their logs) after the test
 
 
 @pytest.mark.servers
