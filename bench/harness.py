@@ -608,6 +608,13 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"run_id": run_id, "events": len(lines), "partitions": args.partitions}
 
     def measure(name: str, make_job) -> dict:
+        try:
+            return measure_runs(name, make_job)
+        except Exception as exc:  # noqa: BLE001 - a failed job is reported, the run goes on
+            log(f"{name} failed: {exc}")
+            return {"error": str(exc)[:2000], "events_per_s": None}
+
+    def measure_runs(name: str, make_job) -> dict:
         runs = []
         for r in range(args.repeat):
             prefix = f"bench.{run_id}.{name}{r}"
@@ -645,9 +652,10 @@ def main(argv: list[str] | None = None) -> int:
             results["ours_2p"] = measure(
                 "ours2p", lambda n, p: ours_job(n, brokers, topic_in, p, 2)
             )
-            results["scaling"] = round(
-                results["ours_2p"]["events_per_s"] / results["ours"]["events_per_s"], 2
-            )
+            if results["ours_2p"]["events_per_s"] and results["ours"]["events_per_s"]:
+                results["scaling"] = round(
+                    results["ours_2p"]["events_per_s"] / results["ours"]["events_per_s"], 2
+                )
         if "latency" not in skip:
             log("latency phase")
             results["latency"] = latency_phase(
@@ -665,12 +673,12 @@ def main(argv: list[str] | None = None) -> int:
 
     def ratio(name: str) -> str:
         other = results.get(name, {}).get("events_per_s")
-        return f"{ours / other:.2f}" if other else "nan"
+        return f"{ours / other:.2f}" if other and ours else "nan"
 
     p95 = results.get("latency", {}).get("sink_ms", {}).get("p95")
     log(
         f"BENCH events_per_s={ours} p95_ms={p95 if p95 is not None else 'nan'} "
-        f"rss_mb={results['ours']['rss_end_mb']} naive_ratio={ratio('naive')} "
+        f"rss_mb={results['ours'].get('rss_end_mb')} naive_ratio={ratio('naive')} "
         f"quix_ratio={ratio('quix')}"
     )
     return 0
