@@ -658,9 +658,13 @@ def main(argv: list[str] | None = None) -> int:
                 )
         if "latency" not in skip:
             log("latency phase")
-            results["latency"] = latency_phase(
-                brokers, run_id, lines, args.partitions, args.rate, args.latency_s, logs
-            )
+            try:
+                results["latency"] = latency_phase(
+                    brokers, run_id, lines, args.partitions, args.rate, args.latency_s, logs
+                )
+            except Exception as exc:  # noqa: BLE001 - reported; the summary is still printed
+                log(f"latency phase failed: {exc}")
+                results["latency"] = {"error": str(exc)[:2000]}
             log(f"  -> {json.dumps(results['latency'])}")
     finally:
         if not args.keep_topics:
@@ -669,7 +673,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"results: {logs.relative_to(ROOT) / 'results.json'}")
     log(json.dumps(results, indent=2))
 
-    ours = results["ours"]["events_per_s"]
+    ours = results["ours"].get("events_per_s")
 
     def ratio(name: str) -> str:
         other = results.get(name, {}).get("events_per_s")
@@ -677,7 +681,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p95 = results.get("latency", {}).get("sink_ms", {}).get("p95")
     log(
-        f"BENCH events_per_s={ours} p95_ms={p95 if p95 is not None else 'nan'} "
+        f"BENCH events_per_s={ours if ours else 'nan'} p95_ms={p95 if p95 is not None else 'nan'} "
         f"rss_mb={results['ours'].get('rss_end_mb')} naive_ratio={ratio('naive')} "
         f"quix_ratio={ratio('quix')}"
     )
