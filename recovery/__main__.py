@@ -78,6 +78,11 @@ def cmd_rewind(args) -> int:
                 f"{result['deleted_snapshots']} snapshot(s) of epoch {result['to_epoch']} or later"
             ),
             f"backup: {result['backup'] or 'none (--no-backup)'}",
+            *(
+                f"Kafka sink partition first written after epoch {result['to_epoch'] - 1}, "
+                f"resumed from its starting position: {name}"
+                for name in result["kafka_sink_starts"]
+            ),
             "source position the next run starts from (was → now):",
         ]
         for key, pos in result["source"].items():

@@ -16,7 +16,8 @@ Both refuse while a process has the store open, and copy the store before changi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import pickle
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -96,6 +97,7 @@ def rewind_to_epoch(
             f"partition (the oldest epoch with one is {oldest}); a partition without one would "
             "start from the consumer group's offset. To start over, use a fresh store"
         )
+    starts = _kafka_sink_starts(store, epoch)
     source_step = store.source_step()
     before = (
         {s.state_key: s for s in store.snapshots_at(resume, source_step)} if source_step else {}
@@ -109,6 +111,13 @@ def rewind_to_epoch(
     for part in store.partitions:
         with writing(part) as conn:
             deleted += conn.execute("DELETE FROM snaps WHERE snap_epoch >= ?", (epoch,)).rowcount
+            for snap, blob in starts:
+                if snap.partition == part.index:
+                    conn.execute(
+                        "INSERT INTO snaps (step_id, state_key, snap_epoch, ser_change) "
+                        "VALUES (?, ?, ?, ?)",
+                        (snap.step_id, snap.state_key, epoch - 1, blob),
+                    )
             if epoch != resume and part == marker_part:
                 # A new execution that resumed at `epoch` and made no progress: Bytewax takes
                 # the newest execution's frontier, so the next run resumes here.
@@ -126,6 +135,7 @@ def rewind_to_epoch(
         "from_epoch": resume,
         "to_epoch": epoch,
         "deleted_snapshots": deleted,
+        "kafka_sink_starts": sorted(f"{s.step_id} {s.state_key}" for s, _ in starts),
         "backup": str(backup_path) if backup_path else None,
         "source": {
             key: {
@@ -135,6 +145,36 @@ def rewind_to_epoch(
             for key in sorted(set(before) | set(after))
         },
     }
+
+
+def _kafka_sink_starts(store: Store, epoch: int) -> list[tuple[Snapshot, bytes]]:
+    """Kafka sink partitions that first wrote at epoch `epoch` or later, with the state to give
+    them at `epoch - 1`.
+
+    Such a partition has no snapshot below `epoch`, so the resumed run would build it as new:
+    its output tail starting at the topic's current end, so not reading back (and so writing
+    again) what it committed in the rewound epochs. Its first snapshot holds the tail position
+    from before its first write (the first transaction is only committed at the second
+    snapshot); resuming it from that position makes it skip everything it committed since.
+    """
+    loaded = {(s.step_id, s.state_key) for s in store.snapshots_at(epoch)}
+    out = []
+    for step, keys in store.step_keys.items():
+        for key, epochs in keys.items():
+            later = [e for e in epochs if e >= epoch]
+            if (step, key) in loaded or not later:
+                continue
+            first = store.snapshot(step, key, later[0])
+            if first is None or first.deleted:
+                continue
+            try:
+                value = first.value()
+            except (pickle.UnpicklingError, ImportError, AttributeError):
+                continue
+            if type(value).__name__ == "SinkState" and hasattr(value, "tail_from"):
+                start = replace(value, floors={})
+                out.append((first, pickle.dumps(start, protocol=4)))
+    return out
 
 
 def _position(snap: Snapshot | None):

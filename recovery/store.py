@@ -415,6 +415,18 @@ class Store:
     def partition(self, index: int) -> Partition:
         return next(p for p in self.partitions if p.index == index)
 
+    def snapshot(self, step: str, key: str, epoch: int) -> Snapshot | None:
+        for part in self.partitions:
+            with closing(connect(part.path)) as conn:
+                row = conn.execute(
+                    "SELECT ser_change FROM snaps WHERE step_id = ? AND state_key = ? "
+                    "AND snap_epoch = ?",
+                    (step, key, epoch),
+                ).fetchone()
+            if row is not None:
+                return Snapshot(step, key, epoch, part.index, row[0])
+        return None
+
 
 def kafka_key(state_key: str) -> tuple[str, int] | None:
     match = _KAFKA_KEY.match(state_key)
