@@ -164,7 +164,10 @@ class _KafkaPartition(StatefulSourcePartition[RawBatch, int]):
         self._consumer = consumer(settings, **{"enable.partition.eof": stop_at_end})
         self._tp = TopicPartition(topic, partition)
         if resume_offset is None:
-            (committed,) = self._consumer.committed([self._tp], timeout=30)
+            (committed,) = until_reachable(
+                lambda: self._consumer.committed([self._tp], timeout=10),
+                f"committed offset of {self._label}",
+            )
             resume_offset = committed.offset if committed.offset >= 0 else OFFSET_BEGINNING
         self._consumer.assign([TopicPartition(topic, partition, resume_offset)])
         self._next_offset = resume_offset
@@ -277,14 +280,14 @@ class KafkaBatchSource(FixedPartitionedSource[RawBatch, int]):
 
     def list_parts(self) -> list[str]:
         topic = self._settings.kafka_topic_raw
-        metadata = admin(self._settings).list_topics(topic, timeout=30)
-        described = metadata.topics.get(topic)
-        if described is None or described.error is not None:
+        try:
+            partitions = _partitions(admin(self._settings), topic)
+        except KafkaException as exc:
             raise RuntimeError(
                 f"cannot read Kafka topic {topic!r} at {self._settings.kafka_bootstrap_servers}: "
-                f"{described.error if described else 'not found'}"
-            )
-        return [f"{topic}/{p}" for p in sorted(described.partitions)]
+                f"{exc.args[0].str()}"
+            ) from exc
+        return [f"{topic}/{p}" for p in partitions]
 
     def build_part(self, step_id: str, for_part: str, resume_state: int | None) -> _KafkaPartition:
         topic, partition = for_part.rsplit("/", 1)
@@ -463,6 +466,7 @@ class _TransactionalPartition(StatefulSinkPartition[Rows, SinkState]):
 
     def _delivery(self, error, message) -> None:
         if error is not None:
+            logger.error("kafka sink %s: delivery failed: %s", self._id, error)
             raise KafkaException(error)
         partition, offset = message.partition(), message.offset()
         if offset >= self._delivered.get(partition, -1):
@@ -482,7 +486,17 @@ class _TransactionalPartition(StatefulSinkPartition[Rows, SinkState]):
         if not self._open:
             return
         self._producer.flush()
-        self._producer.commit_transaction(600)
+        while True:
+            try:
+                self._producer.commit_transaction(600)
+                break
+            except KafkaException as exc:
+                error = exc.args[0]
+                if not error.retriable() or error.txn_requires_abort():
+                    logger.error("kafka sink %s: commit failed: %s", self._id, error)
+                    raise  # the run stops; the resume replays this epoch
+                logger.warning("kafka sink %s: commit will be retried: %s", self._id, error)
+                time.sleep(1)
         self._open = False
         for partition, offset in self._delivered.items():
             self._tail_from[partition] = offset + 1
@@ -548,13 +562,59 @@ def _columns_read(row: dict, *functions: Callable[[dict], str]) -> list[str] | N
     return [c for c in dict.fromkeys(probe.read) if c in row]
 
 
+def until_reachable(call: Callable[[], Any], what: str, *, attempts: int | None = None) -> Any:
+    """`call()`, retried every second while the cluster cannot answer (an outage blocks here,
+    it does not fail the run). Errors that are not about reachability are raised at once."""
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return call()
+        except KafkaException as exc:
+            error = exc.args[0]
+            if error.fatal() or error.code() not in _UNREACHABLE or attempt == attempts:
+                raise
+            logger.warning("kafka: %s: %s (retrying)", what, error)
+            time.sleep(1)
+
+
+_UNREACHABLE = {
+    KafkaError._TRANSPORT,
+    KafkaError._ALL_BROKERS_DOWN,
+    KafkaError._TIMED_OUT,
+    KafkaError._UNKNOWN_PARTITION,
+    KafkaError._WAIT_COORD,
+    KafkaError.LEADER_NOT_AVAILABLE,
+    KafkaError.NOT_LEADER_FOR_PARTITION,
+    KafkaError.COORDINATOR_NOT_AVAILABLE,
+    KafkaError.NOT_COORDINATOR,
+    KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+    KafkaError.REQUEST_TIMED_OUT,
+}
+
+
+def _partitions(client, topic: str) -> list[int]:
+    def describe():
+        described = client.list_topics(topic, timeout=10).topics.get(topic)
+        if described is None or described.error is not None:
+            error = described.error if described is not None else None
+            if error is not None and error.code() != KafkaError.LEADER_NOT_AVAILABLE:
+                raise KafkaException(error)
+            raise KafkaException(KafkaError(KafkaError._UNKNOWN_PARTITION, f"{topic}: no metadata"))
+        return sorted(described.partitions)
+
+    return until_reachable(describe, f"metadata of {topic}")
+
+
 def _end_offsets(settings: Settings, topic: str) -> dict[int, int]:
     probe = consumer(settings, group_id=f"{settings.kafka_consumer_group}.sink-probe")
     try:
-        partitions = probe.list_topics(topic, timeout=30).topics[topic].partitions
         return {
-            p: probe.get_watermark_offsets(TopicPartition(topic, p), timeout=30)[1]
-            for p in partitions
+            p: until_reachable(
+                lambda p=p: probe.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1],
+                f"end offset of {topic}/{p}",
+            )
+            for p in _partitions(probe, topic)
         }
     finally:
         probe.close()
@@ -576,7 +636,7 @@ def _read_committed_tail(
         **{"enable.partition.eof": True},
     )
     try:
-        partitions = reader.list_topics(topic, timeout=30).topics[topic].partitions
+        partitions = _partitions(reader, topic)
         starts = {p: tail_from.get(p, OFFSET_BEGINNING) for p in partitions}
         reader.assign([TopicPartition(topic, p, offset) for p, offset in starts.items()])
         ended: set[int] = set()
@@ -677,9 +737,7 @@ class KafkaDeadLetters:
                     self._producer = self._new_producer()
                 except KafkaException as exc:
                     raise TransientSinkError(f"dead letters to {self._topic}: {exc}") from exc
-            digests = [
-                orjson.dumps(r, option=orjson.OPT_SORT_KEYS, default=str) for r in records
-            ]
+            digests = [orjson.dumps(r, option=orjson.OPT_SORT_KEYS, default=str) for r in records]
             for digest, record in zip(digests, records, strict=True):
                 if digest not in self._acked:
                     self._produce(digest, record)

@@ -316,3 +316,56 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def run_with_outage(run: Run, server: str, *, outage_s: float, timeout_s: float = 600) -> None:
+    """Run to the end while `server` (a stack/<server>.sh) is stopped for `outage_s` mid-run."""
+    create_outputs(run)
+    init_store(run)
+    (process,) = run.start(1)
+    enriched = run.workdir / "out" / "enriched" / "part-0.jsonl"
+    deadline = time.monotonic() + 120
+    while not (enriched.exists() and enriched.stat().st_size > 0):
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"run ended or stalled before the outage; see {run.workdir}/logs")
+        time.sleep(0.05)
+    script = ROOT / "stack" / f"{server}.sh"
+    env = {**os.environ, "STACK_KEEP_DATA": "1"}
+    subprocess.run(["bash", str(script), "stop"], check=True, env=env, capture_output=True)
+    try:
+        time.sleep(outage_s)
+        if process.poll() is not None:
+            raise RuntimeError(f"run exited {process.returncode} during the {server} outage")
+    finally:
+        subprocess.run(["bash", str(script), "start"], check=True, env=env, capture_output=True)
+    (code,) = wait_all([process], timeout_s)
+    if code != 0:
+        raise RuntimeError(f"run exited {code} after the {server} outage; see {run.workdir}/logs")
+
+
+def postgres_state(settings: Settings) -> tuple[set[str], dict[tuple, tuple[int, int]]]:
+    """PostgreSQL's event ids and window totals (count, unique users) of a run's schema."""
+    from connectors import postgres
+
+    iso = '\'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"\''
+    schema = settings.postgres_schema
+    with postgres.sink_connection(settings) as conn:
+        events = {r[0] for r in conn.execute(f'SELECT event_id FROM "{schema}".events')}
+        windows = {
+            tuple(r[:4]): (r[4], r[5])
+            for r in conn.execute(
+                f'SELECT tenant, event_type, "window", to_char(window_start, {iso}), count, '
+                f'unique_users FROM "{schema}".aggregates'
+            )
+        }
+    return events, windows
+
+
+def expected_postgres_state(clean: Run) -> tuple[set[str], dict[tuple, tuple[int, int]]]:
+    """What PostgreSQL must hold, from the clean run's committed Kafka output."""
+    enriched = read_topic(clean.settings, f"{clean.name}.enriched")
+    events = {row["event_id"] for _, _, row in enriched if row["type"] in ("pageview", "click")}
+    windows = truth.final_windows(
+        [row for _, _, row in read_topic(clean.settings, f"{clean.name}.aggregates")]
+    )
+    return events, windows

@@ -32,9 +32,11 @@ def scenario(tmp_path_factory):
 def test_random_sigkills_change_nothing(scenario):
     unique, raw, workdir, clean, items = scenario
     crashed = chaos.Run(f"{unique}.crashed", raw, workdir / "crashed")
+    crashed.env.update(PIPELINE_SINKS="local,kafka,postgres", POSTGRES_SCHEMA=f"{unique}_crashed")
     landed = chaos.run_with_kills(crashed, 10, rng=random.Random(7), min_s=1.0, max_s=4.0)
     assert landed >= 5, "most kills should land while the run is still going"
     assert chaos.compare(clean, crashed) == []
+    assert chaos.postgres_state(crashed.settings) == chaos.expected_postgres_state(clean)
     settings = crashed.settings
     reader = kafka.consumer(settings)
     parts = [TopicPartition(raw, p) for p in range(chaos.RAW_PARTITIONS)]
@@ -57,3 +59,24 @@ def test_rescale_one_to_two_to_one_process(scenario):
         processes_per_attempt=lambda attempt: counts[attempt],
     )
     assert chaos.compare(clean, rescaled) == []
+
+
+def test_kafka_outage_mid_run_loses_and_doubles_nothing(scenario):
+    unique, raw, workdir, clean, _ = scenario
+    run = chaos.Run(f"{unique}.kafka-outage", raw, workdir / "kafka-outage")
+    run.env["PIPELINE_BATCH_SIZE"] = "100"  # slow enough for the outage to land mid-run
+    chaos.run_with_outage(run, "kafka", outage_s=30)
+    assert chaos.compare(clean, run) == []
+
+
+def test_postgres_outage_mid_run_loses_and_doubles_nothing(scenario):
+    unique, raw, workdir, clean, _ = scenario
+    run = chaos.Run(f"{unique}.pg-outage", raw, workdir / "pg-outage")
+    run.env.update(
+        PIPELINE_SINKS="local,kafka,postgres",
+        POSTGRES_SCHEMA=f"{unique}_pg_outage",
+        PIPELINE_BATCH_SIZE="100",
+    )
+    chaos.run_with_outage(run, "postgres", outage_s=30)
+    assert chaos.compare(clean, run) == []
+    assert chaos.postgres_state(run.settings) == chaos.expected_postgres_state(clean)
