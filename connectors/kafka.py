@@ -303,9 +303,10 @@ class KafkaBatchSource(FixedPartitionedSource[RawBatch, int]):
 # epoch, in `snapshot()`. Bytewax persists the snapshot only after `snapshot()` returns, so a crash
 # can land between the Kafka commit and the snapshot: the resumed run then replays an epoch whose
 # output is already committed. To not write it twice, the snapshot records where this partition's
-# committed output ends (`tail_from`), every record carries headers naming its sink partition and
-# identity, and a resumed partition first reads back what it committed after `tail_from`
-# (`ReplayLedger`) and skips those records. Rows that carry a `revision` (windows, sessions) can be
+# committed output ends (`tail_from`; also kept in a ledger consumer group for a start without a
+# snapshot), every record carries headers naming its sink partition and identity, and a resumed
+# partition first reads back what it committed after `tail_from` (`ReplayLedger`) and skips those
+# records. Rows that carry a `revision` (windows, sessions) can be
 # re-emitted with other totals after a replay; they are compared by content and re-numbered above
 # what was committed, so revisions stay unique and increasing. The protocol is in
 # docs/exactly-once.md.
@@ -365,6 +366,9 @@ class ReplayLedger:
 class SinkState:
     tail_from: dict[int, int]  # topic partition → offset after this partition's committed output
     floors: dict[str, int]  # revision floors still in force after a replay
+    # where the partition's output began (before its first write): a rewind to before that first
+    # write resumes the partition from here (`python -m recovery rewind`)
+    started_from: dict[int, int] | None = None
 
 
 class _TransactionalPartition(StatefulSinkPartition[Rows, SinkState]):
@@ -405,18 +409,21 @@ class _TransactionalPartition(StatefulSinkPartition[Rows, SinkState]):
         self._producer.init_transactions(60)  # fences (and aborts) a predecessor's transaction
         self._delivered: dict[int, int] = {}
         self._open = False
-        if resume is None:
-            # Nothing of ours is committed yet. The first epoch's transaction stays open until the
-            # second snapshot, so a crash before the first snapshot is persisted loses nothing.
-            self._tail_from = _end_offsets(settings, topic)
-            self._ledger = ReplayLedger(fmt.revisioned)
-            self._hold_first_commit = True
-        else:
-            self._tail_from = dict(resume.tail_from)
-            self._ledger = _read_committed_tail(
-                settings, topic, transactional_id, self._tail_from, fmt, resume.floors
-            )
-            self._hold_first_commit = False
+        # Without a snapshot (a fresh store, or a crash before the first snapshot was persisted)
+        # the start of the tail to read back comes from the ledger group (see `_TailMarks`).
+        self._marks = _TailMarks(settings, topic, transactional_id)
+        self._tail_from = dict(resume.tail_from) if resume is not None else self._marks.recall()
+        self._ledger = _read_committed_tail(
+            settings,
+            topic,
+            transactional_id,
+            self._tail_from,
+            fmt,
+            resume.floors if resume is not None else {},
+        )
+        self._marked = dict(self._tail_from)  # what the ledger group holds after the next commit
+        started = resume.started_from if resume is not None else None
+        self._started_from = dict(started if started is not None else self._tail_from)
 
     def write_batch(self, items: list[Rows]) -> None:
         if not self._open:
@@ -428,16 +435,14 @@ class _TransactionalPartition(StatefulSinkPartition[Rows, SinkState]):
             stamp = oldest_ingested_at(rows)
             if stamp is not None and (self._pending_oldest is None or stamp < self._pending_oldest):
                 self._pending_oldest = stamp
-            if (
-                isinstance(rows, pl.DataFrame)
-                and not self._format.revisioned
-                and not self._ledger.committed
-            ):
+            if isinstance(rows, pl.DataFrame) and not self._format.revisioned:
                 frame = _encode_frame(rows, self._format)
-                if frame is not None:  # nothing to skip: every row is written as it is
+                if frame is not None:  # rows are written as they are, unless already committed
+                    committed = self._ledger.committed
                     for key, value, row_id in frame:
-                        self._produce(key, value, row_id)
-                    produced += len(frame)
+                        if row_id not in committed:
+                            self._produce(key, value, row_id)
+                            produced += 1
                     continue
             for row in as_dicts(rows):
                 row_id = identity(row)
@@ -473,14 +478,12 @@ class _TransactionalPartition(StatefulSinkPartition[Rows, SinkState]):
             self._delivered[partition] = offset
 
     def snapshot(self) -> SinkState:
-        if self._hold_first_commit:
-            self._hold_first_commit = False
-        else:
-            self._commit()
-        return SinkState(dict(self._tail_from), dict(self._ledger.floors))
+        self._commit()
+        return SinkState(dict(self._tail_from), dict(self._ledger.floors), dict(self._started_from))
 
     def close(self) -> None:
         self._commit()
+        self._marks.close()
 
     def _commit(self) -> None:
         if not self._open:
@@ -498,8 +501,12 @@ class _TransactionalPartition(StatefulSinkPartition[Rows, SinkState]):
                 logger.warning("kafka sink %s: commit will be retried: %s", self._id, error)
                 time.sleep(1)
         self._open = False
+        # One commit behind, like the source's offsets: the snapshot taken with the previous
+        # commit is persisted by now, so a restart without a snapshot never reads back less.
+        self._marks.mark(self._marked)
         for partition, offset in self._delivered.items():
             self._tail_from[partition] = offset + 1
+        self._marked = dict(self._tail_from)
         self._report_commit()
 
     def _report_commit(self) -> None:
@@ -604,6 +611,55 @@ def _partitions(client, topic: str) -> list[int]:
         return sorted(described.partitions)
 
     return until_reachable(describe, f"metadata of {topic}")
+
+
+class _TailMarks:
+    """Where a sink partition's committed output ends, kept outside the recovery store.
+
+    The offsets are committed to a consumer group of their own (`<transactional.id>.ledger`) one
+    commit behind. A partition that starts without a snapshot reads back its output from there,
+    which covers a crash between its first commit and its first persisted snapshot, and a new
+    recovery store over topics a previous deployment wrote to (nothing is written twice). A
+    partition that never committed starts from the topic's end offsets and records them at once.
+    """
+
+    def __init__(self, settings: Settings, topic: str, transactional_id: str):
+        self._settings = settings
+        self._topic = topic
+        self._group = f"{transactional_id}.ledger"
+        self._client = consumer(settings, group_id=self._group)
+
+    def recall(self) -> dict[int, int]:
+        partitions = _partitions(self._client, self._topic)
+        committed = until_reachable(
+            lambda: self._client.committed(
+                [TopicPartition(self._topic, p) for p in partitions], timeout=10
+            ),
+            f"ledger offsets of {self._group}",
+        )
+        marks = {tp.partition: tp.offset for tp in committed if tp.offset >= 0}
+        if len(marks) < len(partitions):
+            ends = _end_offsets(self._settings, self._topic)
+            marks = {p: marks.get(p, ends.get(p, 0)) for p in partitions}
+            self.mark(marks, wait=True)
+        return marks
+
+    def mark(self, offsets: dict[int, int], *, wait: bool = False) -> None:
+        """Record `offsets`; without `wait` the commit is asynchronous (a later one supersedes)."""
+        tps = [TopicPartition(self._topic, p, o) for p, o in offsets.items()]
+        if wait:
+            until_reachable(
+                lambda: self._client.commit(offsets=tps, asynchronous=False),
+                f"ledger offsets of {self._group}",
+            )
+            return
+        try:
+            self._client.commit(offsets=tps, asynchronous=True)
+        except KafkaException as exc:
+            logger.warning("kafka sink ledger %s: %s", self._group, exc)
+
+    def close(self) -> None:
+        self._client.close()
 
 
 def _end_offsets(settings: Settings, topic: str) -> dict[int, int]:

@@ -57,6 +57,11 @@ class Settings(BaseSettings):
         default_factory=dict,
         description="Extra librdkafka settings as a JSON object (SASL, TLS, ...).",
     )
+    kafka_sink_partitions: int = Field(
+        default=2,
+        ge=1,
+        description="Transactional producers per output topic; fixed for the life of a recovery store.",
+    )
     kafka_stop_at_end: bool = Field(
         default=False, description="End the run when every input partition is read to its end."
     )

@@ -141,7 +141,7 @@ def attach_sinks(outputs: Outputs, settings: Settings) -> None:
                 name,
                 kafka_topic(settings, name),
                 KAFKA_FORMATS[name],
-                parts=settings.pipeline_state_shards,
+                parts=settings.kafka_sink_partitions,
             )
             op.output(f"kafka_{name}", stream, sink)
     attach_stores(streams, settings)

@@ -152,10 +152,10 @@ def _kafka_sink_starts(store: Store, epoch: int) -> list[tuple[Snapshot, bytes]]
     them at `epoch - 1`.
 
     Such a partition has no snapshot below `epoch`, so the resumed run would build it as new:
-    its output tail starting at the topic's current end, so not reading back (and so writing
-    again) what it committed in the rewound epochs. Its first snapshot holds the tail position
-    from before its first write (the first transaction is only committed at the second
-    snapshot); resuming it from that position makes it skip everything it committed since.
+    its output tail starting from its ledger group's mark, well after the rewound epochs, so not
+    reading back (and so writing again) what it committed in them. Its snapshots hold the tail
+    position from before its first write (`started_from`); resuming it from that position makes
+    it skip everything it committed since.
     """
     loaded = {(s.step_id, s.state_key) for s in store.snapshots_at(epoch)}
     out = []
@@ -172,7 +172,8 @@ def _kafka_sink_starts(store: Store, epoch: int) -> list[tuple[Snapshot, bytes]]
             except (pickle.UnpicklingError, ImportError, AttributeError):
                 continue
             if type(value).__name__ == "SinkState" and hasattr(value, "tail_from"):
-                start = replace(value, floors={})
+                began = getattr(value, "started_from", None)
+                start = replace(value, tail_from=began or value.tail_from, floors={})
                 out.append((first, pickle.dumps(start, protocol=4)))
     return out
 
