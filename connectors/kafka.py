@@ -692,12 +692,21 @@ def _read_committed_tail(
         **{"enable.partition.eof": True},
     )
     try:
-        partitions = _partitions(reader, topic)
-        starts = {p: tail_from.get(p, OFFSET_BEGINNING) for p in partitions}
+        starts = {}
+        for p in _partitions(reader, topic):
+            start = tail_from.get(p, OFFSET_BEGINNING)
+            end = until_reachable(
+                lambda p=p: reader.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1],
+                f"end offset of {topic}/{p}",
+            )
+            if start == OFFSET_BEGINNING or end > start:  # something was written after the mark
+                starts[p] = start
+        if not starts:
+            return ledger
         reader.assign([TopicPartition(topic, p, offset) for p, offset in starts.items()])
         ended: set[int] = set()
         while len(ended) < len(starts):
-            for message in reader.consume(10_000, 1.0):
+            for message in reader.consume(10_000, 0.1):
                 error = message.error()
                 if error is not None:
                     if error.code() == KafkaError._PARTITION_EOF:
