@@ -258,3 +258,25 @@ fetch() {
     [[ $want == "$got" ]] || die "checksum mismatch for $url (want $want, got $got)"
     mv -f "$dest.part" "$dest"
 }
+
+# The command line every server script ends with: `serve "$@"`. A script defines prereqs and start
+# (and install when it downloads something) and sets PORT, PIDFILE, STOP_TIMEOUT (seconds) and
+# STOP_SIGNAL (default TERM); stop and status are the same for all.
+serve() {
+    case "${1:-}" in
+    prereqs) prereqs ;;
+    install) if declare -F install >/dev/null; then install; else prereqs; fi ;;
+    start) start ;;
+    stop)
+        lock
+        # shellcheck disable=SC2153 # PIDFILE is set by the server script
+        stop_pid "$PIDFILE" "${STOP_TIMEOUT:-30}" "${STOP_SIGNAL:-TERM}"
+        ;;
+    status) status_line "$PORT" "$PIDFILE" ;;
+    *)
+        echo "usage: $0 {prereqs|install|start|stop|status}" >&2
+        exit 2
+        ;;
+    esac
+}
+

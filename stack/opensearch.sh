@@ -153,19 +153,5 @@ start() {
     say "up on 127.0.0.1:$PORT (OpenSearch $VERSION on Java $JAVA_MAJOR, pid $(head -1 "$PIDFILE"), $((SECONDS - t0))s)"
 }
 
-stop() {
-    lock
-    stop_pid "$PIDFILE" 60
-}
-
-case "${1:-}" in
-prereqs) prereqs ;;
-install) install ;;
-start) start ;;
-stop) stop ;;
-status) status_line "$PORT" "$PIDFILE" ;;
-*)
-    echo "usage: $0 {prereqs|install|start|stop|status}" >&2
-    exit 2
-    ;;
-esac
+STOP_TIMEOUT=60
+serve "$@"

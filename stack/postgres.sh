@@ -106,20 +106,6 @@ EOF
     say "up on 127.0.0.1:$PORT (PostgreSQL $("$PG_BIN/postgres" -V | awk '{print $3}')${TIMESCALE:+ + TimescaleDB}, pid $(head -1 "$PIDFILE"), $((SECONDS - t0))s)"
 }
 
-stop() {
-    lock
-    # SIGINT = "fast" shutdown: roll back open transactions, checkpoint, exit.
-    stop_pid "$PIDFILE" 60 INT
-}
-
-case "${1:-}" in
-prereqs) prereqs ;;
-install) prereqs ;;
-start) start ;;
-stop) stop ;;
-status) status_line "$PORT" "$PIDFILE" ;;
-*)
-    echo "usage: $0 {prereqs|install|start|stop|status}" >&2
-    exit 2
-    ;;
-esac
+STOP_TIMEOUT=60
+STOP_SIGNAL=INT  # "fast" shutdown: roll back open transactions, checkpoint, exit
+serve "$@"

@@ -40,19 +40,5 @@ start() {
     say "up on 127.0.0.1:$PORT (moto $("$ROOT/.venv/bin/python" -c 'import moto; print(moto.__version__)'), pid $(head -1 "$PIDFILE"), $((SECONDS - t0))s)"
 }
 
-stop() {
-    lock
-    stop_pid "$PIDFILE" 30
-}
-
-case "${1:-}" in
-prereqs) prereqs ;;
-install) prereqs ;;
-start) start ;;
-stop) stop ;;
-status) status_line "$PORT" "$PIDFILE" ;;
-*)
-    echo "usage: $0 {prereqs|install|start|stop|status}" >&2
-    exit 2
-    ;;
-esac
+STOP_TIMEOUT=30
+serve "$@"

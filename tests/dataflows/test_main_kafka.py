@@ -9,13 +9,14 @@ import orjson
 import polars as pl
 import pytest
 from bytewax.testing import run_main
-from confluent_kafka import KafkaError, TopicPartition
+from confluent_kafka import TopicPartition
 
 from bench.workload import generate_items
 from connectors import kafka
 from connectors.files import read_json_lines
 from dataflows.config import Settings
 from dataflows.main import build
+from tests import chaos
 from tests.dataflows import truth
 
 pytestmark = pytest.mark.servers
@@ -26,22 +27,7 @@ STREAMS = ("enriched", "aggregates", "sessions", "late", "dlq")
 
 def read_topic(settings: Settings, topic: str) -> list[dict]:
     """Every committed record of a topic (read_committed), decoded."""
-    consumer = kafka.consumer(
-        settings, group_id=f"{topic}.reader", **{"enable.partition.eof": True}
-    )
-    partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-    consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
-    rows, ended = [], set()
-    while len(ended) < len(partitions):
-        for message in consumer.consume(1000, 1.0):
-            error = message.error()
-            if error is not None and error.code() == KafkaError._PARTITION_EOF:
-                ended.add(message.partition())
-                continue
-            assert error is None, error
-            rows.append(orjson.loads(message.value()))
-    consumer.close()
-    return rows
+    return [row for _, _, row in chaos.read_topic(settings, topic)]
 
 
 @pytest.fixture(scope="module")
@@ -58,13 +44,9 @@ def kafka_run(tmp_path_factory):
         **topics,
     )
     kafka.ensure_topics(settings, [settings.kafka_topic_raw], partitions=PARTITIONS)
-    kafka.ensure_topics(
-        settings, [topics[f"kafka_topic_{s}"] for s in STREAMS], partitions=2
-    )
+    kafka.ensure_topics(settings, [topics[f"kafka_topic_{s}"] for s in STREAMS], partitions=2)
     items = list(
-        generate_items(
-            6000, seed=5, span_s=3 * 3600, late_fraction=0.03, bad_fraction=0.02
-        )
+        generate_items(6000, seed=5, span_s=3 * 3600, late_fraction=0.03, bad_fraction=0.02)
     )
     producer = kafka.producer(settings)
     for i, item in enumerate(items):
@@ -91,15 +73,13 @@ def test_results_equal_the_truth_across_partitions(kafka_run):
     settings, items = kafka_run
     out = settings.pipeline_output_dir
     events = truth.valid_events(items)
-    assert truth.final_windows(
-        list(read_json_lines(out / "aggregates"))
-    ) == truth.window_totals(events)
-    assert truth.final_sessions(
-        list(read_json_lines(out / "sessions"))
-    ) == truth.sessions(events, gap_ms=1_800_000)
-    assert Counter(
-        r["reason"] for r in read_json_lines(out / "dlq")
-    ) == truth.dlq_reasons(items)
+    assert truth.final_windows(list(read_json_lines(out / "aggregates"))) == truth.window_totals(
+        events
+    )
+    assert truth.final_sessions(list(read_json_lines(out / "sessions"))) == truth.sessions(
+        events, gap_ms=1_800_000
+    )
+    assert Counter(r["reason"] for r in read_json_lines(out / "dlq")) == truth.dlq_reasons(items)
     # lateness is per source partition, in partition order
     partition_of = {
         orjson.loads(item.line)["event_id"]: i % PARTITIONS
@@ -107,9 +87,7 @@ def test_results_equal_the_truth_across_partitions(kafka_run):
         if item.bad is None
     }
     events = events.with_columns(
-        pl.col("event_id")
-        .replace_strict(partition_of, return_dtype=pl.Int64)
-        .alias("partition")
+        pl.col("event_id").replace_strict(partition_of, return_dtype=pl.Int64).alias("partition")
     )
     expected_late = set().union(
         *(
