@@ -734,6 +734,11 @@ class KafkaStreamSink(FixedPartitionedSink[Rows, SinkState]):
         self._parts = parts
 
     def list_parts(self) -> list[str]:
+        # An output topic that does not exist yet is created with the broker's defaults.
+        until_reachable(
+            lambda: ensure_topics(self._settings, [self._topic], -1, replication_factor=-1),
+            f"create {self._topic}",
+        )
         return [f"{self._stream}-{i}" for i in range(self._parts)]
 
     def build_part(self, step_id: str, for_part: str, resume_state: SinkState | None):
