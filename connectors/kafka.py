@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -24,6 +24,7 @@ from confluent_kafka import (
     Consumer,
     KafkaError,
     KafkaException,
+    Message,
     Producer,
     TopicPartition,
 )
@@ -676,6 +677,27 @@ def _end_offsets(settings: Settings, topic: str) -> dict[int, int]:
         probe.close()
 
 
+def read_to_end(
+    reader: Consumer, topic: str, starts: dict[int, int], *, timeout_s: float = 0.1
+) -> Iterator[Message]:
+    """The records of `topic` from `starts` (partition → offset) to the end of each partition.
+
+    `reader` must be built with `enable.partition.eof`; with the default read_committed isolation
+    the end is the last committed record. Errors other than the end of a partition are raised.
+    """
+    reader.assign([TopicPartition(topic, p, offset) for p, offset in starts.items()])
+    ended: set[int] = set()
+    while len(ended) < len(starts):
+        for message in reader.consume(10_000, timeout_s):
+            error = message.error()
+            if error is None:
+                yield message
+            elif error.code() == KafkaError._PARTITION_EOF:
+                ended.add(message.partition())
+            else:
+                raise KafkaException(error)
+
+
 def _read_committed_tail(
     settings: Settings,
     topic: str,
@@ -703,21 +725,12 @@ def _read_committed_tail(
                 starts[p] = start
         if not starts:
             return ledger
-        reader.assign([TopicPartition(topic, p, offset) for p, offset in starts.items()])
-        ended: set[int] = set()
-        while len(ended) < len(starts):
-            for message in reader.consume(10_000, 0.1):
-                error = message.error()
-                if error is not None:
-                    if error.code() == KafkaError._PARTITION_EOF:
-                        ended.add(message.partition())
-                        continue
-                    raise KafkaException(error)
-                headers = dict(message.headers() or ())
-                if headers.get(SINK_HEADER, b"").decode() != transactional_id:
-                    continue
-                row = orjson.loads(message.value()) if fmt.revisioned else None
-                ledger.record(headers[ID_HEADER].decode(), row)
+        for message in read_to_end(reader, topic, starts):
+            headers = dict(message.headers() or ())
+            if headers.get(SINK_HEADER, b"").decode() != transactional_id:
+                continue
+            row = orjson.loads(message.value()) if fmt.revisioned else None
+            ledger.record(headers[ID_HEADER].decode(), row)
     finally:
         reader.close()
     return ledger

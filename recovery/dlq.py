@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
-from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
 from recovery.store import StoreError
 
@@ -143,22 +143,13 @@ def read_topic(settings, topic: str, since: datetime | None = None) -> Iterator[
                     if tp.offset >= 0
                     else consumer.get_watermark_offsets(tp, timeout=30)[1]
                 )
-        consumer.assign([TopicPartition(topic, p, o) for p, o in starts.items()])
-        ended: set[int] = set()
-        while len(ended) < len(partitions):
-            for message in consumer.consume(1000, 1.0):
-                error = message.error()
-                if error is not None:
-                    if error.code() == KafkaError._PARTITION_EOF:
-                        ended.add(message.partition())
-                        continue
-                    raise KafkaException(error)
-                origin = f"{topic}/{message.partition()}/{message.offset()}"
-                try:
-                    record = orjson.loads(message.value())
-                except orjson.JSONDecodeError:
-                    record = {"reason": "unreadable", "payload": None}
-                yield DlqEntry(record if isinstance(record, dict) else {}, origin)
+        for message in kafka.read_to_end(consumer, topic, starts, timeout_s=1.0):
+            origin = f"{topic}/{message.partition()}/{message.offset()}"
+            try:
+                record = orjson.loads(message.value())
+            except orjson.JSONDecodeError:
+                record = {"reason": "unreadable", "payload": None}
+            yield DlqEntry(record if isinstance(record, dict) else {}, origin)
     finally:
         consumer.close()
 

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
-from confluent_kafka import KafkaError, TopicPartition
 
 from bench.workload import generate_items
 from connectors import kafka
@@ -194,17 +193,10 @@ def read_topic(settings: Settings, topic: str) -> list[tuple[int, int, dict]]:
         settings, group_id=f"{topic}.check.{uuid.uuid4().hex[:6]}", **{"enable.partition.eof": True}
     )
     partitions = reader.list_topics(topic, timeout=10).topics[topic].partitions
-    reader.assign([TopicPartition(topic, p, 0) for p in partitions])
-    records, ended = [], set()
-    while len(ended) < len(partitions):
-        for message in reader.consume(5000, 1.0):
-            error = message.error()
-            if error is not None:
-                if error.code() == KafkaError._PARTITION_EOF:
-                    ended.add(message.partition())
-                    continue
-                raise RuntimeError(error)
-            records.append((message.partition(), message.offset(), orjson.loads(message.value())))
+    records = [
+        (message.partition(), message.offset(), orjson.loads(message.value()))
+        for message in kafka.read_to_end(reader, topic, dict.fromkeys(partitions, 0), timeout_s=1.0)
+    ]
     reader.close()
     return records
 
