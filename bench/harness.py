@@ -14,8 +14,11 @@ Phases (each on fresh topics and consumer groups named `bench.<run id>.*`):
    returned after its last flush and transaction commit (quix: its last processed message, so
    its idle-stop wait is excluded). CPU and RSS are sampled from /proc for the process tree
    every 0.5 s; RSS "start" is the first sample after the first read, "end" the last sample.
-3. **Scaling**: `ours` as 2 processes (`-i 0|1 -a host:port;host:port`), same topic.
-4. **Latency**: `ours` live (no stop at end, epoch interval `-s 1`) on a fresh topic while the
+3. **Fan-out**: `ours` with every store as well (`PIPELINE_SINKS=kafka,postgres,opensearch,redis,
+   s3`), each store in a namespace of the run (PostgreSQL schema, index/key/object prefixes),
+   removed afterwards; the end is when the dataflow returned after the stores' last flush.
+4. **Scaling**: `ours` as 2 processes (`-i 0|1 -a host:port;host:port`), same topic.
+5. **Latency**: `ours` live (no stop at end, epoch interval `-s 1`) on a fresh topic while the
    harness produces at a steady `--rate` for `--latency-s` seconds; end-to-sink latency = the
    Kafka timestamp of each `enriched` output record − its `ingested_at` (= the input record's Kafka
    timestamp); also the time it became visible to a read_committed consumer. The job is stopped
@@ -338,8 +341,9 @@ def ours_job(
     *,
     extra: list[str] = (),
     profile: Path | None = None,
+    settings: dict[str, str] | None = None,
 ) -> Job:
-    env = ours_env(brokers, topic_in, prefix, stop_at_end=True)
+    env = {**ours_env(brokers, topic_in, prefix, stop_at_end=True), **(settings or {})}
     stats = [CACHE / f"{name}-{i}.stats.json" for i in range(processes)]
     base = [str(VENV_PY), "-m", "bench.launch"]
     if profile is not None:  # py-spy's collapsed stacks ("raw"), 100 samples/s
@@ -368,6 +372,80 @@ def ours_job(
     # each process serves its own metrics port
     job.process_env = [{"METRICS_PORT": str(free_port())} for _ in range(processes)]
     return job
+
+
+# The fan-out phase: every store besides Kafka, each in a namespace of its own run.
+FANOUT_SINKS = "kafka,postgres,opensearch,redis,s3"
+
+
+def fanout_settings(run_id: str) -> dict[str, str]:
+    return {
+        "PIPELINE_SINKS": FANOUT_SINKS,
+        "POSTGRES_SCHEMA": f"bench_{run_id}",
+        "OPENSEARCH_INDEX_PREFIX": f"bench-{run_id}-",
+        "REDIS_KEY_PREFIX": f"bench:{run_id}:",
+        "S3_PREFIX": f"bench/{run_id}/",
+    }
+
+
+def drop_fanout_data(run_id: str) -> None:
+    """Remove what the fan-out phase wrote to the stores (best effort, logged)."""
+    sys.path.insert(0, str(ROOT))
+    from dataflows.config import Settings
+
+    settings = Settings(**{k.lower(): v for k, v in fanout_settings(run_id).items()})
+    steps = {
+        "postgres": lambda: _drop_postgres_schema(settings),
+        "opensearch": lambda: _delete_opensearch_indices(settings),
+        "redis": lambda: _delete_redis_keys(settings),
+        "s3": lambda: _delete_s3_objects(settings),
+    }
+    for store, step in steps.items():
+        try:
+            step()
+        except Exception as exc:  # noqa: BLE001 - leftovers are reported, not fatal
+            log(f"could not remove the fan-out data in {store}: {exc}")
+
+
+def _drop_postgres_schema(settings) -> None:
+    import psycopg
+
+    with psycopg.connect(settings.postgres_dsn, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{settings.postgres_schema}" CASCADE')
+
+
+def _delete_opensearch_indices(settings) -> None:
+    from opensearchpy import OpenSearch
+
+    client = OpenSearch(settings.opensearch_url)
+    client.indices.delete(
+        index=f"{settings.opensearch_index_prefix}*", params={"expand_wildcards": "all"}
+    )
+    for name in client.indices.get_index_template(name="*").get("index_templates", []):
+        if name["name"].startswith(settings.opensearch_index_prefix):
+            client.indices.delete_index_template(name=name["name"])
+
+
+def _delete_redis_keys(settings) -> None:
+    import redis
+
+    client = redis.Redis.from_url(settings.redis_url)
+    keys = list(client.scan_iter(match=f"{settings.redis_key_prefix}*", count=10_000))
+    for start in range(0, len(keys), 10_000):
+        client.delete(*keys[start : start + 10_000])
+
+
+def _delete_s3_objects(settings) -> None:
+    from connectors.s3 import client
+
+    s3 = client(settings)
+    pages = s3.get_paginator("list_objects_v2").paginate(
+        Bucket=settings.s3_bucket, Prefix=settings.s3_prefix
+    )
+    for page in pages:
+        keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+        if keys:
+            s3.delete_objects(Bucket=settings.s3_bucket, Delete={"Objects": keys})
 
 
 def naive_job(name: str, brokers: str, topic_in: str, prefix: str) -> Job:
@@ -581,7 +659,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--rate", type=int, default=50_000, help="latency phase: events/s")
     run.add_argument("--latency-s", type=float, default=20)
     run.add_argument(
-        "--skip", default="", help="comma list of phases to skip: naive,quix,scaling,latency"
+        "--skip",
+        default="",
+        help="comma list of phases to skip: naive,quix,fanout,scaling,latency",
     )
     run.add_argument(
         "--profile",
@@ -648,6 +728,22 @@ def main(argv: list[str] | None = None) -> int:
                 results["quix"] = measure(
                     "quix", lambda n, p: quix_job(n, python, brokers, topic_in, p)
                 )
+        if "fanout" not in skip:
+            try:
+                results["fanout"] = measure(
+                    "fanout",
+                    lambda n, p: ours_job(
+                        n,
+                        brokers,
+                        topic_in,
+                        p,
+                        1,
+                        profile=logs / f"{n}.pyspy.txt" if args.profile else None,
+                        settings=fanout_settings(run_id),
+                    ),
+                )
+            finally:
+                drop_fanout_data(run_id)
         if "scaling" not in skip:
             results["ours_2p"] = measure(
                 "ours2p", lambda n, p: ours_job(n, brokers, topic_in, p, 2)

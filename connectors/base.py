@@ -20,6 +20,11 @@ Everything else lives here, once:
   buffered row is `linger_s` old (checked when items arrive), at every epoch (`snapshot()`), and at
   the end of input (`close()`). So everything handed over before a checkpoint is written before
   that epoch completes, and the partition's recovery state is empty.
+* With `write_ahead` > 0 a partition writes its flushes on a thread of its own, in order, while
+  the dataflow goes on (store I/O releases the GIL); at most `write_ahead` flushes wait for it,
+  then the dataflow blocks (backpressure). The checkpoint waits until they are all written, and a
+  write that failed for good is raised in the dataflow at the next call. With 0 the dataflow
+  writes itself.
 * Transient failures are retried `retries` times with exponential backoff and jitter; after that the
   partition applies **backpressure**: it keeps retrying with the backoff capped at
   `backoff_max_s`, logging every failure, and blocks its worker until the server is back. Nothing
@@ -34,6 +39,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import queue
 import random
 import re
 import threading
@@ -119,6 +125,7 @@ class SinkPolicy:
     retries: int = 3
     backoff_s: float = 0.2
     backoff_max_s: float = 30.0
+    write_ahead: int = 0  # flushes that may wait for the partition's writer thread (0: no thread)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SinkPolicy:
@@ -128,6 +135,7 @@ class SinkPolicy:
             retries=settings.sink_retries,
             backoff_s=settings.sink_backoff_s,
             backoff_max_s=settings.sink_backoff_max_s,
+            write_ahead=settings.sink_write_ahead,
         )
 
     def delay(self, attempt: int, rng: random.Random) -> float:
@@ -264,7 +272,8 @@ class JsonLinesDeadLetters:
         if end < len(data):
             log.warning(
                 "dead letters %s: cutting off a torn last line (%d bytes) left by a crash",
-                self.path, len(data) - end,
+                self.path,
+                len(data) - end,
             )
             os.ftruncate(handle.fileno(), end)
             os.fsync(handle.fileno())
@@ -315,7 +324,9 @@ class FanOutDeadLetters:
     def __call__(self, records: list[dict]) -> None:
         if not self.targets:
             for record in records:
-                log.error("dead letter (no DLQ target configured): %s", orjson.dumps(record).decode())
+                log.error(
+                    "dead letter (no DLQ target configured): %s", orjson.dumps(record).decode()
+                )
         for target in self.targets:
             target(records)
 
@@ -386,7 +397,12 @@ class Retrier:
                     log.warning(
                         "sink %s: %s failed (attempt %d of %d before backpressure), retrying in "
                         "%.2fs: %s",
-                        self.name, what, attempt, self.policy.retries + 1, delay, exc,
+                        self.name,
+                        what,
+                        attempt,
+                        self.policy.retries + 1,
+                        delay,
+                        exc,
                     )
                 else:
                     if attempt == self.policy.retries + 1:
@@ -394,19 +410,75 @@ class Retrier:
                     log.error(
                         "sink %s: BACKPRESSURE — %s still failing after %d attempts (%.0fs); "
                         "holding the batch and retrying in %.1fs: %s",
-                        self.name, what, attempt, time.monotonic() - started, delay, exc,
+                        self.name,
+                        what,
+                        attempt,
+                        time.monotonic() - started,
+                        delay,
+                        exc,
                     )
                 self.sleep(delay)
                 continue
             if attempt > self.policy.retries:
                 log.warning(
                     "sink %s: %s succeeded again after %d attempts (%.0fs of backpressure)",
-                    self.name, what, attempt + 1, time.monotonic() - started,
+                    self.name,
+                    what,
+                    attempt + 1,
+                    time.monotonic() - started,
                 )
             return result, rejected
 
 
 # --- the Bytewax adapter ----------------------------------------------------------------------
+
+
+class _WriteAhead:
+    """Calls `write(batch)` for each submitted batch on a thread of its own, in order.
+
+    `submit` blocks while `depth` batches are waiting (backpressure); `wait` returns once all are
+    written. After a write raised, the rest are not written and every later call raises it.
+    """
+
+    def __init__(self, write: Callable[[Batch], None], depth: int, name: str):
+        self._write = write
+        self._queue: queue.Queue[Batch | None] = queue.Queue(maxsize=depth)
+        self._failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, batch: Batch) -> None:
+        self._check()
+        self._queue.put(batch)
+
+    def wait(self) -> None:
+        self._queue.join()
+        self._check()
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def _check(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
+    def _run(self) -> None:
+        while True:
+            batch = self._queue.get()
+            try:
+                if batch is None:
+                    return
+                if self._failure is None:
+                    self._write(batch)
+            except BaseException as exc:  # noqa: BLE001 - handed to the dataflow's thread
+                self._failure = exc
+            finally:
+                self._queue.task_done()
+
+
+# Dead letters of every partition go through one target; its writes are not interleaved.
+_DEAD_LETTERS_LOCK = threading.Lock()
 
 
 class _StorePartition(StatefulSinkPartition[Batch, None]):
@@ -432,6 +504,11 @@ class _StorePartition(StatefulSinkPartition[Batch, None]):
         self._buffer: list[Batch] = []
         self._rows = 0
         self._oldest: float | None = None
+        self._ahead = (
+            _WriteAhead(self._write, policy.write_ahead, f"sink {writer.name} {stream}")
+            if policy.write_ahead > 0
+            else None
+        )
 
     def write_batch(self, values: list[Batch]) -> None:
         for batch in values:
@@ -452,6 +529,12 @@ class _StorePartition(StatefulSinkPartition[Batch, None]):
             return
         batch = concat(self._buffer)
         self._buffer, self._rows, self._oldest = [], 0, None
+        if self._ahead is None:
+            self._write(batch)
+        else:
+            self._ahead.submit(batch)
+
+    def _write(self, batch: Batch) -> None:
         name = self._writer.name
         for chunk in chunks(batch, self._policy.max_batch_rows):
             size = batch_len(chunk)
@@ -478,19 +561,25 @@ class _StorePartition(StatefulSinkPartition[Batch, None]):
                             "source": record["source"],
                         },
                     )
-                self._retrier.run(_call_with, (self._dead_letters, records), "writing dead letters")
+                with _DEAD_LETTERS_LOCK:
+                    self._retrier.run(
+                        _call_with, (self._dead_letters, records), "writing dead letters"
+                    )
                 self._metrics.sink_failures(name, len(records))
                 self._metrics.dlq_records(DlqReason.SINK_FAILED.value, len(records))
 
     def snapshot(self) -> None:
         # The epoch's checkpoint: everything handed over so far is written before it completes.
         self.flush()
-        return None
+        if self._ahead is not None:
+            self._ahead.wait()
 
     def close(self) -> None:
         try:
-            self.flush()
+            self.snapshot()
         finally:
+            if self._ahead is not None:
+                self._ahead.stop()
             self._writer.close()
 
 

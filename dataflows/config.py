@@ -91,6 +91,11 @@ class Settings(BaseSettings):
     )
     redis_key_prefix: str = Field(default="", description="Prepended to every Redis key.")
     s3_prefix: str = Field(default="", description="Prepended to every S3 object key.")
+    s3_max_batch_rows: int = Field(
+        default=50_000,
+        ge=1,
+        description="SINK_MAX_BATCH_ROWS of the S3 archive: fewer, larger Parquet objects.",
+    )
 
     # --- store sinks ---------------------------------------------------------------------
     sink_max_batch_rows: int = Field(
@@ -105,6 +110,11 @@ class Settings(BaseSettings):
     sink_backoff_s: float = Field(default=0.2, gt=0, description="First retry delay.")
     sink_backoff_max_s: float = Field(
         default=30.0, gt=0, description="Cap of the retry delay while a server stays down."
+    )
+    sink_write_ahead: int = Field(
+        default=2,
+        ge=0,
+        description="Flushes a sink partition may queue for its writer thread (0: no thread).",
     )
 
     # --- metrics and logging (dataflows/metrics.py, dataflows/logging.py) ---------------

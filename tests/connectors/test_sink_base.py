@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import threading
 from datetime import UTC, datetime
 
 import orjson
@@ -85,6 +86,82 @@ def rows(n: int, start: int = 0, **extra) -> list[dict]:
 
 def written(writer: FakeWriter) -> list[int]:
     return [r["i"] for batch in writer.writes for r in batch]
+
+
+# --- write-ahead: flushes written on the partition's own thread ---------------------------------
+
+
+class GatedWriter(FakeWriter):
+    """Writes only when the test opens the gate; notes the thread of each write."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = threading.Event()
+        self.threads: list[str] = []
+
+    def write(self, batch):
+        assert self.gate.wait(5)
+        self.threads.append(threading.current_thread().name)
+        return super().write(batch)
+
+
+def write_ahead_policy(depth: int) -> SinkPolicy:
+    return SinkPolicy(max_batch_rows=10, linger_s=5.0, retries=3, backoff_s=0.1, write_ahead=depth)
+
+
+def test_write_ahead_writes_in_order_on_its_own_thread_and_the_checkpoint_waits():
+    writer = GatedWriter()
+    sink, _, _ = make_sink(writer, policy=write_ahead_policy(2))
+    part = sink.build_part("step", "part-000", None)
+    part.write_batch([rows(10)])
+    part.write_batch([rows(10, 10)])  # two flushes handed over, neither written yet
+    assert writer.writes == []
+    checkpoint = threading.Thread(target=part.snapshot)
+    checkpoint.start()
+    checkpoint.join(0.2)
+    assert checkpoint.is_alive()  # the checkpoint waits for the writes
+    writer.gate.set()
+    checkpoint.join(5)
+    assert not checkpoint.is_alive()
+    assert written(writer) == list(range(20))
+    assert set(writer.threads) == {"sink fake aggregates"}
+    part.close()
+    assert writer.closed
+
+
+def test_write_ahead_blocks_the_dataflow_when_its_queue_is_full():
+    writer = GatedWriter()
+    sink, _, _ = make_sink(writer, policy=write_ahead_policy(1))
+    part = sink.build_part("step", "part-000", None)
+    part.write_batch([rows(10)])  # taken by the writer thread, which waits at the gate
+    part.write_batch([rows(10, 10)])  # waits in the queue
+    third = threading.Thread(target=part.write_batch, args=([rows(10, 20)],))
+    third.start()
+    third.join(0.2)
+    assert third.is_alive()  # backpressure: the queue holds one flush
+    writer.gate.set()
+    third.join(5)
+    part.snapshot()
+    assert written(writer) == list(range(30))
+
+
+def test_write_ahead_failure_is_raised_in_the_dataflow_and_nothing_after_it_is_written():
+    class Broken(FakeWriter):
+        def write(self, batch):
+            if not self.writes:
+                self.writes.append("attempted")
+                raise ValueError("a bug")
+            return super().write(batch)
+
+    writer = Broken()
+    sink, _, _ = make_sink(writer, policy=write_ahead_policy(2))
+    part = sink.build_part("step", "part-000", None)
+    part.write_batch([rows(10)])
+    with pytest.raises(ValueError, match="a bug"):
+        part.snapshot()
+    with pytest.raises(ValueError, match="a bug"):
+        part.write_batch([rows(10, 10)])
+    assert writer.writes == ["attempted"]
 
 
 # --- flush triggers -------------------------------------------------------------------------
@@ -339,7 +416,12 @@ def _restart(target: JsonLinesDeadLetters) -> JsonLinesDeadLetters:
 
 
 def _sink_failed(i: int, **row) -> dict:
-    row = {"event_id": f"ev-{i}", "source": f"events.raw/3/{1000 + i}", "correlation_id": f"c-{i}", **row}
+    row = {
+        "event_id": f"ev-{i}",
+        "source": f"events.raw/3/{1000 + i}",
+        "correlation_id": f"c-{i}",
+        **row,
+    }
     return rejection_records("postgres", [Rejected(row, "bad row")])[0]
 
 
@@ -352,7 +434,12 @@ def test_jsonl_dead_letters_are_appended_once_even_after_a_replay(tmp_path):
     target = _restart(target)
     target([_sink_failed(1), _sink_failed(3), _sink_failed(4)])
     records = [orjson.loads(line) for line in path.read_bytes().splitlines()]
-    assert [orjson.loads(r["payload"])["event_id"] for r in records] == ["ev-1", "ev-2", "ev-3", "ev-4"]
+    assert [orjson.loads(r["payload"])["event_id"] for r in records] == [
+        "ev-1",
+        "ev-2",
+        "ev-3",
+        "ev-4",
+    ]
     # The same event rejected by another store is another dead letter.
     other = rejection_records("s3", [Rejected(orjson.loads(records[0]["payload"]), "too long")])
     target(other)
@@ -360,7 +447,14 @@ def test_jsonl_dead_letters_are_appended_once_even_after_a_replay(tmp_path):
 
 
 def test_jsonl_dead_letters_identity_of_rows_without_a_source_offset():
-    window = {"tenant": "acme", "event_type": "click", "window": "1m", "window_start": "x", "count": 3, "revision": 0}
+    window = {
+        "tenant": "acme",
+        "event_type": "click",
+        "window": "1m",
+        "window_start": "x",
+        "count": 3,
+        "revision": 0,
+    }
     (a,) = rejection_records("redis", [Rejected(window, "WRONGTYPE")])
     (b,) = rejection_records("redis", [Rejected(window, "WRONGTYPE")])
     (c,) = rejection_records("redis", [Rejected({**window, "count": 4}, "WRONGTYPE")])
@@ -379,12 +473,17 @@ def test_jsonl_dead_letters_cut_a_line_torn_by_a_crash(tmp_path):
     target = _restart(target)
     target([_sink_failed(2)])  # the replay hands the record over again
     lines = path.read_bytes().splitlines()
-    assert [orjson.loads(line)["source"] for line in lines] == ["events.raw/3/1001", "events.raw/3/1002"]
+    assert [orjson.loads(line)["source"] for line in lines] == [
+        "events.raw/3/1001",
+        "events.raw/3/1002",
+    ]
     # A torn tail that appears while this process runs is cut before the next append, too.
     path.write_bytes(path.read_bytes() + b'{"reason": "sink_fa')
     target([_sink_failed(3)])
     assert [orjson.loads(line)["source"] for line in path.read_bytes().splitlines()] == [
-        "events.raw/3/1001", "events.raw/3/1002", "events.raw/3/1003",
+        "events.raw/3/1001",
+        "events.raw/3/1002",
+        "events.raw/3/1003",
     ]
 
 
@@ -406,7 +505,8 @@ def test_jsonl_dead_letters_failed_append_leaves_no_partial_line(tmp_path, monke
     monkeypatch.setattr(base.os, "write", real_write)
     target([_sink_failed(2)])  # the retry
     assert [orjson.loads(line)["source"] for line in path.read_bytes().splitlines()] == [
-        "events.raw/3/1001", "events.raw/3/1002",
+        "events.raw/3/1001",
+        "events.raw/3/1002",
     ]
 
 
