@@ -15,7 +15,7 @@ from collections import Counter
 STAGES = (
     ("idle thread", ("serve_forever",)),
     ("start-up", ("_locate_dataflow", "build_part", "_find_and_load")),
-    ("kafka sink: encode", ("_encode_frame", "as_dicts")),
+    ("kafka sink: encode", ("_TransactionalPartition._records", "as_dicts")),
     ("kafka sink: produce", ("_TransactionalPartition._produce",)),
     ("kafka sink: commit", ("_TransactionalPartition._commit", "_TransactionalPartition.close")),
     ("kafka sink: other", ("_TransactionalPartition.write_batch",)),

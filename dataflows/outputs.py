@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from functools import partial
 
 import bytewax.operators as op
@@ -39,27 +39,17 @@ class Outputs:
     dlq: Stream[tuple[str, list[dict]]]
 
 
-def _window_key(row: dict) -> str:
-    return f"{row['tenant']}|{row['event_type']}|{row['window']}|{row['window_start']}"
-
-
-def _session_key(row: dict) -> str:
-    return f"{row['session_id']}|{row['start']}"
-
-
-def _source(row: dict) -> str:
-    return row["source"]
-
-
-# Kafka record key and replay identity per stream; aggregates are compactable per window.
+# Kafka record key and replay identity per stream, as expressions over the row's columns (see
+# `StreamFormat`); aggregates are compactable per window.
+_WINDOW = pl.concat_str("tenant", "event_type", "window", "window_start", separator="|")
+_SESSION = pl.concat_str("session_id", "start", separator="|")
 KAFKA_FORMATS = {
-    "enriched": StreamFormat(key=lambda row: row["event_id"], identity=_source),
-    "aggregates": StreamFormat(key=_window_key, identity=_window_key, revisioned=True),
-    "sessions": StreamFormat(key=_session_key, identity=_session_key, revisioned=True),
-    "late": StreamFormat(key=lambda row: row["event_id"], identity=_source),
+    "enriched": StreamFormat(key=pl.col("event_id"), identity=pl.col("source")),
+    "aggregates": StreamFormat(key=_WINDOW, identity=_WINDOW, revisioned=True),
+    "sessions": StreamFormat(key=_SESSION, identity=_SESSION, revisioned=True),
+    "late": StreamFormat(key=pl.col("event_id"), identity=pl.col("source")),
     "dlq": StreamFormat(
-        key=lambda row: row["correlation_id"],
-        identity=lambda row: f"{row['stage']}|{row['source']}",
+        key=pl.col("correlation_id"), identity=pl.concat_str("stage", "source", separator="|")
     ),
 }
 
@@ -77,6 +67,7 @@ class StoreRoute:
     stream: str  # a field of Outputs
     writer: Callable[[Settings], SinkWriter]
     select: Callable[[pl.DataFrame], pl.DataFrame | None] | None = None
+    max_batch_rows_setting: str = "sink_max_batch_rows"  # the setting that sizes its writes
 
     @property
     def step_id(self) -> str:
@@ -90,7 +81,7 @@ STORE_ROUTES = (
     StoreRoute("postgres", "sessions", partial(PostgresSink, table="sessions")),
     StoreRoute("opensearch", "enriched", OpenSearchSink, error_events),
     StoreRoute("redis", "aggregates", RedisAggregatesSink),
-    StoreRoute("s3", "enriched", S3ArchiveSink),
+    StoreRoute("s3", "enriched", S3ArchiveSink, max_batch_rows_setting="s3_max_batch_rows"),
 )
 
 # Where rows a store permanently rejects (`sink_failed`) are written with `local` on.
@@ -163,7 +154,7 @@ def attach_stores(streams: dict[str, Stream], settings: Settings) -> list[StoreS
             partial(route.writer, settings),
             stream=route.stream,
             parts=settings.pipeline_state_shards,
-            policy=policy,
+            policy=replace(policy, max_batch_rows=getattr(settings, route.max_batch_rows_setting)),
             dead_letters=dead_letters,
         )
         op.output(route.step_id, stream, sink)

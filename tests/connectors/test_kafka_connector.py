@@ -1,12 +1,19 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
+from datetime import UTC, datetime
 
+import orjson
+import polars as pl
 import pytest
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from connectors import kafka
 from dataflows.config import Settings
+from dataflows.outputs import KAFKA_FORMATS
+from operators.model import as_dicts
+from tests import chaos
 
 
 def test_producer_config_defaults_and_overrides():
@@ -35,9 +42,7 @@ def test_consumer_config_defaults_and_overrides():
 
 def test_pipeline_topics_lists_every_topic_setting():
     settings = Settings()
-    topic_fields = {
-        name for name in Settings.model_fields if name.startswith("kafka_topic_")
-    }
+    topic_fields = {name for name in Settings.model_fields if name.startswith("kafka_topic_")}
     assert sorted(kafka.pipeline_topics(settings)) == sorted(
         getattr(settings, name) for name in topic_fields
     )
@@ -83,9 +88,7 @@ def test_transactions_read_committed_skips_aborted(settings: Settings, unique: s
     producer.produce(topic, b"committed-3", key=b"k")
     producer.commit_transaction(30)
 
-    committed = kafka.consumer(
-        settings, group_id=f"{unique}-rc", **{"enable.partition.eof": True}
-    )
+    committed = kafka.consumer(settings, group_id=f"{unique}-rc", **{"enable.partition.eof": True})
     uncommitted = kafka.consumer(
         settings,
         group_id=f"{unique}-ru",
@@ -111,3 +114,202 @@ def test_ensure_topics_creates_requested_partitions(settings: Settings, unique: 
     assert kafka.ensure_topics(settings, [topic, topic], partitions=3) == [topic]
     metadata = kafka.admin(settings).list_topics(topic, timeout=30)
     assert sorted(metadata.topics[topic].partitions) == [0, 1, 2]
+
+
+# --- the exactly-once sink -------------------------------------------------------------------
+
+
+def _tricky_frame() -> pl.DataFrame:
+    """Values whose JSON is easy to get wrong: escapes, non-ASCII, nulls, float forms, Float32,
+    datetimes with and without a time zone."""
+    texts = [
+        "plain",
+        "ünï©ødé 日本 🎉",
+        'q"uote\\back/slash',
+        "ctl\x00\x1f\x7f\t\n",
+        "\u2028",
+        None,
+    ]
+    floats = [0.1, 1e20, 1e-7, -0.0, 123456789.123456789, None]
+    stamp = datetime(2024, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    return pl.DataFrame(
+        {
+            "text": texts,
+            "f64": floats,
+            "f32": floats,
+            "i32": [-3, 0, 7, None, 2**31 - 1, 1],
+            "u64": [2**64 - 1, 0, 1, 2, 3, None],
+            "flag": [True, False, None, True, False, True],
+            "at": [stamp, None, stamp, stamp, stamp, stamp],
+            "naive": [stamp.replace(tzinfo=None)] * 6,
+            "nothing": [None] * 6,
+            "source": [f"events.raw/0/{i}" for i in range(6)],
+        },
+        schema_overrides={
+            "f32": pl.Float32,
+            "i32": pl.Int32,
+            "u64": pl.UInt64,
+            "at": pl.Datetime("us", "UTC"),
+            "naive": pl.Datetime("ms"),
+        },
+    )
+
+
+def test_frame_values_are_exactly_orjson_of_as_dicts():
+    frame = _tricky_frame()
+    expected = [orjson.dumps(row) for row in as_dicts(frame)]
+    assert kafka._json_values(kafka._text_frame(frame)) == expected
+    # A type polars would write otherwise (a list) goes row by row: the same bytes.
+    listed = frame.with_columns(pl.concat_list("i32", "i32").alias("pair"))
+    assert kafka._json_values(kafka._text_frame(listed)) == [
+        orjson.dumps(row) for row in as_dicts(listed)
+    ]
+
+
+def test_keys_and_identities_are_the_same_from_a_frame_dicts_and_read_back_values():
+    frame = _tricky_frame().with_columns(pl.col("text").alias("event_id"))
+    fmt = KAFKA_FORMATS["enriched"]
+    values = kafka._json_values(kafka._text_frame(frame))
+    read_back = [orjson.loads(value) for value in values]
+    for rows in (frame, as_dicts(frame), read_back):
+        assert fmt.identities(rows) == [f"events.raw/0/{i}" for i in range(6)]
+        assert fmt.keys(rows) == [None if t is None else t.encode() for t in frame["text"]]
+    # Expressions over other types see them as the JSON holds them.
+    stamped = kafka.StreamFormat(
+        key=pl.col("source"), identity=pl.concat_str("at", "flag", "f32", "i32", separator="|")
+    )
+    assert stamped.identities(frame.head(1)) == [
+        "2024-01-02T03:04:05.678Z|true|0.10000000149011612|-3"
+    ]
+    assert stamped.identities(read_back[:1]) == stamped.identities(frame.head(1))
+
+
+def test_window_session_and_dlq_identities():
+    window = {
+        "tenant": "a",
+        "event_type": "click",
+        "window": "1m",
+        "window_start": "T0",
+        "count": 1,
+    }
+    session = {"session_id": "s1", "start": "T1", "event_count": 2}
+    dead = {"stage": "validate", "source": "events.raw/1/5", "correlation_id": None}
+    assert KAFKA_FORMATS["aggregates"].identities([window]) == ["a|click|1m|T0"]
+    assert KAFKA_FORMATS["aggregates"].keys([window]) == [b"a|click|1m|T0"]
+    assert KAFKA_FORMATS["sessions"].identities([session]) == ["s1|T1"]
+    assert KAFKA_FORMATS["dlq"].identities([dead]) == ["validate|events.raw/1/5"]
+    assert KAFKA_FORMATS["dlq"].keys([dead]) == [None]  # no key
+    assert KAFKA_FORMATS["dlq"].keys([]) == []
+    with pytest.raises(ValueError, match="identity"):
+        KAFKA_FORMATS["sessions"].identities([{"session_id": "s1"}])
+
+
+def _events(first: int, count: int) -> pl.DataFrame:
+    at = datetime(2024, 5, 1, tzinfo=UTC)
+    return pl.DataFrame(
+        {
+            "event_id": [f"ev-{i}" for i in range(first, first + count)],
+            "source": [f"events.raw/0/{i}" for i in range(first, first + count)],
+            "timestamp": [at] * count,
+            "ingested_at": [at] * count,
+        },
+        schema_overrides={
+            "timestamp": pl.Datetime("ms", "UTC"),
+            "ingested_at": pl.Datetime("ms", "UTC"),
+        },
+    )
+
+
+def _sink(settings: Settings, topic: str, transactional_id: str, stream: str, resume=None):
+    return kafka._TransactionalPartition(
+        settings, topic, transactional_id, KAFKA_FORMATS[stream], resume, stream=stream
+    )
+
+
+@pytest.mark.servers
+def test_a_replayed_epoch_already_committed_is_not_written_twice(settings: Settings, unique: str):
+    topic = f"{unique}.enriched"
+    kafka.ensure_topics(settings, [topic], partitions=2)
+    first = _sink(settings, topic, f"{unique}.enriched-0", "enriched")
+    for batch in range(2):
+        first.write_batch([_events(25 * batch, 25)])
+        first.snapshot()
+        time.sleep(0.5)  # the end offsets asked for after this commit are in by the next one
+    persisted = first.snapshot()  # the last snapshot Bytewax persists
+    first.write_batch([_events(50, 50)])
+    first.snapshot()  # committed in Kafka; the crash comes before this snapshot is persisted
+    first.write_batch([_events(100, 50)])  # in the open transaction when the process dies
+    # Another sink partition writes rows that look like the replay's: not this one's to skip.
+    other = _sink(settings, topic, f"{unique}.enriched-1", "enriched")
+    other.write_batch([_events(100, 10)])
+    other.close()
+
+    resumed = _sink(settings, topic, f"{unique}.enriched-0", "enriched", persisted)
+    resumed.write_batch([_events(50, 30), _events(80, 70)])  # the replay, cut differently
+    resumed.close()
+
+    records = chaos.read_topic(settings, topic)
+    sources = Counter(row["source"] for _, _, row in records)
+    assert sources == Counter(
+        [f"events.raw/0/{i}" for i in range(150)] + [f"events.raw/0/{i}" for i in range(100, 110)]
+    )
+    written = {row["source"]: row for _, _, row in records}
+    assert written["events.raw/0/7"] == as_dicts(_events(7, 1))[0]
+    # tail_from moved past the first batches, and lies at or before everything written after the
+    # snapshot that holds it
+    assert sum(persisted.tail_from.values()) >= 25
+    for partition, offset, row in records:
+        if int(row["source"].rsplit("/", 1)[1]) >= 50:
+            assert persisted.tail_from[partition] <= offset
+
+
+@pytest.mark.servers
+def test_a_start_without_snapshot_skips_what_the_first_commit_wrote(settings, unique):
+    topic = f"{unique}.late"
+    kafka.ensure_topics(settings, [topic], partitions=2)
+    first = _sink(settings, topic, f"{unique}.late-0", "late")
+    first.write_batch([_events(0, 20)])
+    first.snapshot()  # committed; the process dies before any snapshot is persisted
+    resumed = _sink(settings, topic, f"{unique}.late-0", "late")
+    resumed.write_batch([_events(0, 30)])
+    resumed.close()
+    sources = Counter(row["source"] for _, _, row in chaos.read_topic(settings, topic))
+    assert sources == Counter(f"events.raw/0/{i}" for i in range(30))
+
+
+def _window(count: int, revision: int) -> dict:
+    return {
+        "tenant": "a",
+        "event_type": "click",
+        "window": "1m",
+        "window_start": "2024-05-01T00:00:00.000Z",
+        "count": count,
+        "revision": revision,
+    }
+
+
+@pytest.mark.servers
+def test_replayed_windows_are_renumbered_above_the_committed_revisions(settings, unique):
+    topic = f"{unique}.aggregates"
+    kafka.ensure_topics(settings, [topic], partitions=2)
+    first = _sink(settings, topic, f"{unique}.aggregates-0", "aggregates")
+    first.write_batch([[_window(10, 0)]])
+    persisted = first.snapshot()
+    first.write_batch([[_window(12, 1)]])
+    first.snapshot()  # committed, never persisted
+    # The replay cuts its batches differently: an intermediate total, then the committed one.
+    resumed = _sink(settings, topic, f"{unique}.aggregates-0", "aggregates", persisted)
+    resumed.write_batch([[_window(11, 1)], [_window(12, 2)]])
+    resumed.snapshot()
+    resumed.write_batch([[_window(13, 3)]])
+    resumed.close()
+    rows = sorted(
+        (row for _, _, row in chaos.read_topic(settings, topic)), key=lambda r: r["revision"]
+    )
+    assert [(r["count"], r["revision"]) for r in rows] == [
+        (10, 0),
+        (12, 1),
+        (11, 2),
+        (12, 3),
+        (13, 4),
+    ]

@@ -36,3 +36,21 @@ def test_keys_the_replay_never_committed_pass_through():
     ledger = ReplayLedger(revisioned=True)
     ledger.record("w", window(10, 0))
     assert ledger.admit("other", window(1, 0)) == window(1, 0)
+
+
+def test_after_a_new_revision_committed_content_is_written_again_above_it():
+    # Committed before the crash: 10 (rev 0), 12 (rev 1). The replay passes through 11 first.
+    ledger = ReplayLedger(revisioned=True)
+    ledger.record("w", window(10, 0))
+    ledger.record("w", window(12, 1))
+    assert ledger.admit("w", window(11, 1)) == window(11, 2)
+    # 12 is committed, but 11 is the latest revision now: 12 must come again to be the latest.
+    assert ledger.admit("w", window(12, 2)) == window(12, 3)
+
+
+def test_a_ledger_is_active_while_it_can_skip_or_renumber():
+    assert not ReplayLedger(revisioned=False).active
+    ledger = ReplayLedger(revisioned=False)
+    ledger.record("events.raw/0/7", None)
+    assert ledger.active
+    assert ReplayLedger(revisioned=True, floors={"w": 3}).active
