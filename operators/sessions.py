@@ -13,42 +13,56 @@ A session's identity for downstream stores is `(session_id, start)`.
 from __future__ import annotations
 
 import heapq
+import sys
 from dataclasses import dataclass, field
+from itertools import chain, islice
+from operator import attrgetter
 from typing import ClassVar
 
 import polars as pl
 
 from operators.event_time import END_WATERMARK
-from operators.sharding import ShardClock, shard_column, split_by_shard
+from operators.sharding import ShardClock, rows_by_shard
 from operators.windows import iso_ms
 
 
-def session_partials(events: pl.DataFrame, gap_ms: int, shards: int) -> dict[int, pl.DataFrame]:
-    """Per-shard session segments of one batch: session_id, tenant, user_id, start, end, count."""
-    with_session = events.filter(pl.col("session_id").is_not_null())
-    if with_session.height == 0:
-        return {}
-    ts = pl.col("timestamp").dt.epoch("ms")
-    segments = (
-        with_session.select("session_id", "tenant", "user_id", ts.alias("ts"))
-        .sort("session_id", "ts")
-        .with_columns(
-            (pl.col("ts").diff().over("session_id").fill_null(0) > gap_ms)
-            .cum_sum()
-            .over("session_id")
-            .alias("segment")
+def session_partials(events: pl.DataFrame, gap_ms: int, shards: int) -> dict[int, list[tuple]]:
+    """Per-shard session segments of one batch: rows `(session_id, tenant, user_id, start, end,
+    count)`."""
+    session_id, ts, user_id = pl.col("session_id"), pl.col("ts"), pl.col("user_id")
+    ordered = (
+        events.select(
+            "session_id", "tenant", "user_id", pl.col("timestamp").dt.epoch("ms").alias("ts")
         )
-        .group_by("session_id", "segment")
-        .agg(
-            pl.col("tenant").first(),
-            pl.col("user_id").drop_nulls().first(),
-            pl.col("ts").min().alias("start"),
-            pl.col("ts").max().alias("end"),
-            pl.len().alias("count"),
-        )
-        .drop("segment")
+        .filter(session_id.is_not_null())
+        # Rows of a session together, in time order: by hash, which sorts much faster than the
+        # strings. Stable, so of events at the same time the first in the batch comes first.
+        .sort(session_id.hash(), ts, maintain_order=True)
     )
-    return split_by_shard(segments, shard_column(segments["session_id"], shards))
+    if ordered.height == 0:
+        return {}
+    # A segment is a run of rows: found by comparing each row with the one before (no group_by).
+    row = pl.int_range(pl.len(), dtype=pl.UInt32)
+    marked = ordered.with_columns(
+        ((session_id != session_id.shift(1)) | (ts.diff() > gap_ms)).fill_null(True).alias("first"),
+        row.alias("row"),
+        # the first non-null user id at or after each row, and the row it is on
+        user_id.backward_fill().alias("next_user"),
+        pl.when(user_id.is_not_null()).then(row).backward_fill().alias("next_user_row"),
+    ).with_columns(pl.col("first").shift(-1, fill_value=True).alias("last"))
+    first, last = pl.col("first"), pl.col("last")
+    last_row = pl.col("row").filter(last)
+    segments = marked.select(
+        session_id.filter(first),
+        pl.col("tenant").filter(first),
+        pl.when(pl.col("next_user_row").filter(first) <= last_row)
+        .then(pl.col("next_user").filter(first))
+        .alias("user_id"),
+        ts.filter(first).alias("start"),
+        ts.filter(last).alias("end"),
+        (last_row - pl.col("row").filter(first) + 1).alias("count"),
+    )
+    return rows_by_shard(segments, segments["session_id"], shards)
 
 
 @dataclass(slots=True)
@@ -81,72 +95,144 @@ class SessionState:
         """Session ids held: sessions still open and closed ones kept for late corrections."""
         return len(self.sessions)
 
-    def apply(self, partition: str, watermark_ms: int, partials: pl.DataFrame | None) -> list[dict]:
+    def __getstate__(self) -> dict:
+        # Snapshots happen every epoch: a few long lists pickle several times faster than an
+        # object per session.
+        groups = self.sessions.values()
+        segments = list(chain.from_iterable(groups))
+        return {
+            "gap_ms": self.gap_ms,
+            "retention_ms": self.retention_ms,
+            "clock": self.clock,
+            "horizon_ms": self.horizon_ms,
+            "dropped_events": self.dropped_events,
+            "deadlines": self.deadlines,
+            "session_ids": list(self.sessions),
+            "segments_per_id": list(map(len, groups)),
+            "segments": {name: list(map(attrgetter(name), segments)) for name in Session.__slots__},
+        }
+
+    def __setstate__(self, state: dict) -> None:
+        if "segments" not in state:  # written before the columnar form: the attributes as such
+            self.__dict__.update(state)
+            return
+        self.gap_ms = state["gap_ms"]
+        self.retention_ms = state["retention_ms"]
+        self.clock = state["clock"]
+        self.horizon_ms = state["horizon_ms"]
+        self.dropped_events = state["dropped_events"]
+        self.deadlines = state["deadlines"]
+        segments = iter(map(Session, *state["segments"].values()))
+        self.sessions = {
+            session_id: list(islice(segments, n))
+            for session_id, n in zip(state["session_ids"], state["segments_per_id"], strict=True)
+        }
+
+    def apply(self, partition: str, watermark_ms: int, partials: list[tuple] | None) -> list[dict]:
         return self.apply_all([(partition, watermark_ms, partials)])
 
-    def apply_all(self, inputs: list[tuple[str, int, pl.DataFrame | None]]) -> list[dict]:
+    def apply_all(self, inputs: list[tuple[str, int, list[tuple] | None]]) -> list[dict]:
         """Merge several batches, taking in every watermark before anything closes."""
         for partition, watermark_ms, partials in inputs:
             if partials is not None:
-                for (
-                    session_id,
-                    tenant,
-                    user_id,
-                    start,
-                    end,
-                    count,
-                ) in partials.iter_rows():
-                    if end + self.gap_ms <= self.horizon_ms:
-                        self.dropped_events += count
-                        continue
-                    self._merge(session_id, Session(tenant, user_id, start, end, count))
+                self._absorb(partials)
             self.clock.update(partition, watermark_ms)
         return self._emit(self.clock.watermark_ms)
 
     def flush(self) -> list[dict]:
         return self._emit(END_WATERMARK)
 
-    def _merge(self, session_id: str, new: Session) -> None:
-        """Fold `new` into the segments of its session it comes within `gap` of."""
-        kept = []
-        for old in self.sessions.get(session_id, ()):
-            if old.start - self.gap_ms <= new.end and new.start <= old.end + self.gap_ms:
-                if old.start < new.start:
-                    new.tenant = old.tenant
-                    new.user_id = old.user_id if old.user_id is not None else new.user_id
-                elif new.user_id is None:
-                    new.user_id = old.user_id
-                new.start = min(new.start, old.start)
-                new.end = max(new.end, old.end)
-                new.count += old.count
-                new.revision = max(new.revision, old.revision)
+    def _absorb(self, partials: list[tuple]) -> None:
+        gap = self.gap_ms
+        sessions, deadlines = self.sessions, self.deadlines
+        intern, push = sys.intern, heapq.heappush
+        past_retention = self.horizon_ms - gap  # a segment ending by then closed too long ago
+        for session_id, tenant, user_id, start, end, count in partials:
+            if end <= past_retention:
+                self.dropped_events += count
+                continue
+            # interned: the deadlines of a session share its id, its sessions a few tenants
+            session_id = intern(session_id)
+            group = sessions.get(session_id)
+            if group is None:
+                sessions[session_id] = [Session(intern(tenant), user_id, start, end, count)]
+            elif len(group) == 1 and _extend(group[0], tenant, user_id, start, end, count, gap):
+                end = group[0].end
             else:
-                kept.append(old)
-        kept.append(new)
-        self.sessions[session_id] = kept
-        heapq.heappush(self.deadlines, (new.end + self.gap_ms, session_id))
+                new = Session(intern(tenant), user_id, start, end, count)
+                sessions[session_id] = _merge(group, new, gap)
+                end = new.end
+            push(deadlines, (end + gap, session_id))
 
     def _emit(self, watermark: int) -> list[dict]:
         """Emit sessions that closed (or changed after closing); free those past retention."""
         rows = []
-        horizon = max(self.horizon_ms, watermark - self.retention_ms)
-        while self.deadlines and self.deadlines[0][0] <= watermark:
-            _, session_id = heapq.heappop(self.deadlines)
-            kept = []
-            for session in self.sessions.get(session_id, ()):
-                closes_at = session.end + self.gap_ms
+        gap, retention = self.gap_ms, self.retention_ms
+        horizon = max(self.horizon_ms, watermark - retention)
+        sessions, deadlines = self.sessions, self.deadlines
+        push, pop = heapq.heappush, heapq.heappop
+        while deadlines and deadlines[0][0] <= watermark:
+            session_id = pop(deadlines)[1]
+            group = sessions.get(session_id)
+            if group is None:
+                continue
+            expired = False
+            for session in group:
+                closes_at = session.end + gap
                 if closes_at <= watermark and session.dirty:
                     rows.append(_emit_session(session_id, session))
                     if closes_at > horizon:
-                        heapq.heappush(self.deadlines, (closes_at + self.retention_ms, session_id))
-                if closes_at > horizon:
-                    kept.append(session)
-            if kept:
-                self.sessions[session_id] = kept
-            else:
-                self.sessions.pop(session_id, None)
+                        push(deadlines, (closes_at + retention, session_id))
+                if closes_at <= horizon:
+                    expired = True
+            if expired:
+                kept = [session for session in group if session.end + gap > horizon]
+                if kept:
+                    sessions[session_id] = kept
+                else:
+                    del sessions[session_id]
         self.horizon_ms = horizon
         return rows
+
+
+def _extend(
+    session: Session, tenant: str, user_id: str | None, start: int, end: int, count: int, gap: int
+) -> bool:
+    """Fold a segment into `session` if it comes within `gap` of it (as `_merge` would)."""
+    if not (session.start - gap <= end and start <= session.end + gap):
+        return False
+    if session.start < start:
+        if session.user_id is None:
+            session.user_id = user_id
+    else:
+        session.tenant = sys.intern(tenant)
+        if user_id is not None:
+            session.user_id = user_id
+        session.start = start
+    session.end = max(session.end, end)
+    session.count += count
+    session.dirty = True
+    return True
+
+
+def _merge(group: list[Session], new: Session, gap: int) -> list[Session]:
+    """Fold into `new` the segments of `group` it comes within `gap` of; the segments kept."""
+    kept = []
+    for old in group:
+        if old.start - gap <= new.end and new.start <= old.end + gap:
+            if old.start < new.start:
+                new.tenant = old.tenant
+                new.user_id = old.user_id if old.user_id is not None else new.user_id
+            elif new.user_id is None:
+                new.user_id = old.user_id
+            new.start = min(new.start, old.start)
+            new.end = max(new.end, old.end)
+            new.count += old.count
+            new.revision = max(new.revision, old.revision)
+        else:
+            kept.append(old)
+    kept.append(new)
+    return kept
 
 
 def _emit_session(session_id: str, session: Session) -> dict:

@@ -20,11 +20,22 @@ def shard_key(shard: int) -> str:
     return f"shard-{shard:03d}"
 
 
-def shard_column(keys: pl.Series, shards: int) -> pl.Series:
-    """The shard of each key, hashing each distinct key once."""
-    uniques = keys.unique()
-    table = {k: zlib.crc32(k.encode()) % shards for k in uniques.to_list()}
-    return keys.replace_strict(table, return_dtype=pl.UInt32).alias("shard")
+def rows_by_shard(frame: pl.DataFrame, keys: pl.Series, shards: int) -> dict[int, list[tuple]]:
+    """The rows of `frame` (as tuples, in order) grouped by the shard of their key.
+
+    Shard state is updated row by row in Python anyway, so the rows cross over from polars once
+    here rather than through one small frame per shard (a polars call each, more with more shards).
+    """
+    crc32 = zlib.crc32
+    by_shard: dict[int, list[tuple]] = {}
+    for row, key in zip(frame.rows(), keys.to_list(), strict=True):
+        shard = crc32(key.encode()) % shards
+        rows = by_shard.get(shard)
+        if rows is None:
+            by_shard[shard] = [row]
+        else:
+            rows.append(row)
+    return by_shard
 
 
 @dataclass(slots=True)
@@ -33,7 +44,7 @@ class ShardInput:
 
     partition: str
     watermark_ms: int
-    partials: pl.DataFrame | None = None
+    partials: list[tuple] | None = None  # rows of `window_partials` or `session_partials`
 
 
 @dataclass(slots=True)
@@ -50,10 +61,3 @@ class ShardClock:
     @property
     def watermark_ms(self) -> int:
         return min(self.partition_watermarks.values(), default=NO_WATERMARK)
-
-
-def split_by_shard(partials: pl.DataFrame, shard_of: pl.Series) -> dict[int, pl.DataFrame]:
-    if partials.height == 0:
-        return {}
-    parts = partials.with_columns(shard_of).partition_by("shard", as_dict=True, include_key=False)
-    return {key[0]: frame for key, frame in parts.items()}

@@ -31,8 +31,10 @@ def partials(rows):
 
 
 def test_partials_split_a_session_at_gaps():
-    frame = partials([("s1", T0, "u"), ("s1", T0 + 100, None), ("s1", T0 + 100 + GAP + 1, "u"), ("s2", T0, None)])
-    got = sorted(frame.rows())
+    frame = partials(
+        [("s1", T0, "u"), ("s1", T0 + 100, None), ("s1", T0 + 100 + GAP + 1, "u"), ("s2", T0, None)]
+    )
+    got = sorted(frame)
     assert got == [
         ("s1", "acme", "u", T0 * 1000, (T0 + 100) * 1000, 2),
         ("s1", "acme", "u", (T0 + 101 + GAP) * 1000, (T0 + 101 + GAP) * 1000, 1),

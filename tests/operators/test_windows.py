@@ -34,27 +34,21 @@ def by_window(rows):
     return {(r["window"], r["window_start"]): r for r in rows}
 
 
-def test_partials_count_and_distinct_users_per_window():
+def test_partials_count_and_distinct_users_per_minute():
     frame = events(
         [("a", "click", T0 + 1, "u1"), ("a", "click", T0 + 2, "u1"), ("a", "click", T0 + 61, None)]
     )
-    partials = one_shard(frame).sort("window", "start_ms")
-    got = {(r["window"], r["start_ms"]): (r["count"], sorted(r["users"])) for r in partials.to_dicts()}
-    assert got == {
-        ("1m", T0 * 1000): (2, ["u1"]),
-        ("1m", (T0 + 60) * 1000): (1, []),
-        ("5m", (T0 // 300 * 300) * 1000): (3, ["u1"]),
-        ("1h", (T0 // 3600 * 3600) * 1000): (3, ["u1"]),
-    }
+    got = {start: (count, sorted(users)) for _, _, start, count, users in one_shard(frame)}
+    assert got == {T0 * 1000: (2, ["u1"]), (T0 + 60) * 1000: (1, [])}
 
 
 def test_shards_split_keys_stably():
     frame = events([(f"t{i}", "click", T0, "u") for i in range(50)])
     parts = window_partials(frame, 4)
-    assert sum(p.height for p in parts.values()) == 150
+    assert sum(len(rows) for rows in parts.values()) == 50
     again = window_partials(frame, 4)
-    assert {k: sorted(v["tenant"].to_list()) for k, v in parts.items()} == {
-        k: sorted(v["tenant"].to_list()) for k, v in again.items()
+    assert {k: sorted(row[0] for row in rows) for k, rows in parts.items()} == {
+        k: sorted(row[0] for row in rows) for k, rows in again.items()
     }
 
 
@@ -111,3 +105,23 @@ def test_flush_emits_everything_open():
     state = WindowState(retention_ms=0)
     state.apply("p0", T0 * 1000, one_shard(events([("a", "click", T0 + 5, "u1")])))
     assert sorted(r["window"] for r in state.flush()) == ["1h", "1m", "5m"]
+
+
+def test_emitted_cells_keep_users_packed_and_late_users_count_once():
+    state = WindowState(retention_ms=86_400_000)
+    first = events(
+        [("a", "click", T0 + 5, "u1"), ("a", "click", T0 + 6, ""), ("a", "click", T0 + 7, None)]
+    )
+    state.apply("p0", (T0 + 60) * 1000, one_shard(first))
+    cell = state.cells[("a", "click", "1m", T0 * 1000)]
+    assert sorted(cell.users.split("\x00")) == ["", "", "", "u1"]  # one string, not a set
+    late = events(
+        [("a", "click", T0 + 8, "u1"), ("a", "click", T0 + 9, "u2"), ("a", "click", T0 + 9, "")]
+    )
+    (row,) = [
+        r for r in state.apply("p0", (T0 + 60) * 1000, one_shard(late)) if r["window"] == "1m"
+    ]
+    assert (row["count"], row["unique_users"], row["revision"]) == (6, 3, 1)
+    odd = events([("a", "click", T0 + 10, "x\x00y")])  # holds the separator: back to a set
+    (row,) = [r for r in state.apply("p0", (T0 + 60) * 1000, one_shard(odd)) if r["window"] == "1m"]
+    assert (row["unique_users"], cell.users) == (4, {"u1", "", "u2", "x\x00y"})
