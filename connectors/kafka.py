@@ -34,7 +34,7 @@ from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
 from connectors.base import TransientSinkError, oldest_ingested_at
 from dataflows import metrics
 from dataflows.config import Settings
-from operators.model import RawBatch, RawRecord, as_dicts
+from operators.model import ISO_MS_FORMAT, RawBatch, RawRecord, as_dicts
 
 logger = logging.getLogger(__name__)
 
@@ -314,10 +314,17 @@ class KafkaBatchSource(FixedPartitionedSource[RawBatch, int]):
 # revisions stay unique and increasing. The protocol is in docs/exactly-once.md.
 
 Rows = pl.DataFrame | list[dict]
+# Producer settings of the stream sinks; a key set in KAFKA_CONFIG wins (e.g. compression.type
+# "none" when the broker shares the job's CPU, "zstd" over a slow link).
+SINK_PRODUCER_TUNING: dict[str, Any] = {
+    "linger.ms": 20,
+    "compression.type": "lz4",
+    "transaction.timeout.ms": 600_000,
+    "message.timeout.ms": 590_000,
+}
 KAFKA_SINK_NAME = "kafka"  # the `sink` label of the metrics
 SINK_HEADER = "pipeline-sink"
 ID_HEADER = "pipeline-id"  # on dead letters (`KafkaDeadLetters`): the identity to deduplicate on
-_STAMP_FORMAT = "%Y-%m-%dT%H:%M:%S%.3fZ"  # datetimes as `operators.model.as_dicts` writes them
 
 
 @dataclass(frozen=True, eq=False)
@@ -363,7 +370,7 @@ def _text_frame(rows: pl.DataFrame) -> pl.DataFrame:
     if not stamps and not singles:
         return rows
     return rows.with_columns(
-        pl.col(stamps).dt.strftime(_STAMP_FORMAT), pl.col(singles).cast(pl.Float64)
+        pl.col(stamps).dt.strftime(ISO_MS_FORMAT), pl.col(singles).cast(pl.Float64)
     )
 
 
@@ -466,16 +473,7 @@ class _TransactionalPartition(StatefulSinkPartition[Rows, SinkState]):
         # reported when it commits.
         self._pending_rows = 0
         self._pending_oldest: float | None = None
-        self._producer = producer(
-            settings,
-            transactional_id=transactional_id,
-            **{
-                "linger.ms": 20,
-                "compression.type": "lz4",
-                "transaction.timeout.ms": 600_000,
-                "message.timeout.ms": 590_000,
-            },
-        )
+        self._producer = Producer(sink_producer_config(settings, transactional_id))
         self._producer.init_transactions(60)  # fences (and aborts) a predecessor's transaction
         self._headers = [(SINK_HEADER, transactional_id.encode())]
         self._open = False
@@ -707,12 +705,34 @@ def _end_offsets(settings: Settings, topic: str) -> dict[int, int]:
         probe.close()
 
 
+_SHARED_ADMINS: dict[bytes, AdminClient] = {}
+_SHARED_ADMINS_LOCK = threading.Lock()
+
+
+def shared_admin(settings: Settings) -> AdminClient:
+    """One admin client per process and cluster configuration, for the sink partitions'
+    background requests (every librdkafka client has threads and broker connections of its own)."""
+    key = orjson.dumps(admin_config(settings), option=orjson.OPT_SORT_KEYS, default=str)
+    with _SHARED_ADMINS_LOCK:
+        client = _SHARED_ADMINS.get(key)
+        if client is None:
+            client = _SHARED_ADMINS[key] = admin(settings)
+        return client
+
+
+def sink_producer_config(settings: Settings, transactional_id: str) -> dict[str, Any]:
+    """The transactional producer of a stream sink partition: `SINK_PRODUCER_TUNING` under
+    whatever KAFKA_CONFIG sets."""
+    tuning = {k: v for k, v in SINK_PRODUCER_TUNING.items() if k not in settings.kafka_config}
+    return producer_config(settings, transactional_id=transactional_id, **tuning)
+
+
 class _EndOffsets:
     """The end offsets (high watermarks) of a topic's partitions, asked for in the background."""
 
     def __init__(self, settings: Settings, topic: str):
         self._topic = topic
-        self._client = admin(settings)
+        self._client = shared_admin(settings)
         # Partitions added later are not asked for: `tail_from` lacks them, so a resume reads
         # them back from the beginning.
         self._partitions = _partitions(self._client, topic)

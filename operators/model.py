@@ -106,12 +106,16 @@ def derive_correlation_id(seed: str) -> str:
     return str(uuid.uuid5(_CORRELATION_NAMESPACE, seed))
 
 
+# How datetimes are written in every output: ISO-8601 UTC with millisecond precision.
+ISO_MS_FORMAT = "%Y-%m-%dT%H:%M:%S%.3fZ"
+
+
 def as_dicts(rows: pl.DataFrame | list[dict]) -> list[dict]:
     """Rows as dicts, datetimes as ISO-8601 UTC text with millisecond precision."""
     if isinstance(rows, list):
         return rows
     stamps = [c for c, t in rows.schema.items() if isinstance(t, pl.Datetime)]
-    return rows.with_columns(pl.col(stamps).dt.strftime("%Y-%m-%dT%H:%M:%S%.3fZ")).to_dicts()
+    return rows.with_columns(pl.col(stamps).dt.strftime(ISO_MS_FORMAT)).to_dicts()
 
 
 def utc_now_iso() -> str:

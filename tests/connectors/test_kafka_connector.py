@@ -29,6 +29,23 @@ def test_producer_config_defaults_and_overrides():
     assert "transactional.id" not in kafka.producer_config(settings)
 
 
+def test_sink_producer_tuning_gives_way_to_kafka_config():
+    settings = Settings(kafka_bootstrap_servers="b:1", kafka_config={"compression.type": "zstd"})
+    conf = kafka.sink_producer_config(settings, "tx-2")
+    assert conf == {
+        "bootstrap.servers": "b:1",
+        "compression.type": "zstd",
+        "enable.idempotence": True,
+        "acks": "all",
+        "transactional.id": "tx-2",
+        "linger.ms": 20,
+        "transaction.timeout.ms": 600_000,
+        "message.timeout.ms": 590_000,
+    }
+    default = kafka.sink_producer_config(Settings(kafka_bootstrap_servers="b:1"), "tx-2")
+    assert default["compression.type"] == "lz4"
+
+
 def test_consumer_config_defaults_and_overrides():
     settings = Settings(kafka_consumer_group="g1")
     conf = kafka.consumer_config(settings, **{"isolation.level": "read_uncommitted"})
