@@ -81,6 +81,11 @@ def consumer_config(
     return conf
 
 
+def unless_configured(settings: Settings, tuning: dict[str, Any]) -> dict[str, Any]:
+    """The entries of `tuning` whose key KAFKA_CONFIG does not set (the user's setting wins)."""
+    return {k: v for k, v in tuning.items() if k not in settings.kafka_config}
+
+
 def admin_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
     return {**base_config(settings), **overrides}
 
@@ -144,6 +149,12 @@ def ensure_topics(
 # --- source ----------------------------------------------------------------------------------
 
 
+# Consumer settings of the source partitions; a key set in KAFKA_CONFIG wins. Each partition has
+# a consumer of its own, and librdkafka's default prefetch (64 MiB each) made most of the
+# process's memory at start; 8 MiB is still seconds of input per partition.
+SOURCE_CONSUMER_TUNING: dict[str, Any] = {"queued.max.messages.kbytes": 8192}
+
+
 class _KafkaPartition(StatefulSourcePartition[RawBatch, int]):
     """One topic partition, read in batches; its state is the next offset to read.
 
@@ -163,7 +174,11 @@ class _KafkaPartition(StatefulSourcePartition[RawBatch, int]):
         self._label = f"{topic}/{partition}"
         self._batch_size = settings.pipeline_batch_size
         self._stop_at_end = stop_at_end
-        self._consumer = consumer(settings, **{"enable.partition.eof": stop_at_end})
+        self._consumer = consumer(
+            settings,
+            **unless_configured(settings, SOURCE_CONSUMER_TUNING),
+            **{"enable.partition.eof": stop_at_end},
+        )
         self._tp = TopicPartition(topic, partition)
         if resume_offset is None:
             (committed,) = until_reachable(
@@ -723,7 +738,7 @@ def shared_admin(settings: Settings) -> AdminClient:
 def sink_producer_config(settings: Settings, transactional_id: str) -> dict[str, Any]:
     """The transactional producer of a stream sink partition: `SINK_PRODUCER_TUNING` under
     whatever KAFKA_CONFIG sets."""
-    tuning = {k: v for k, v in SINK_PRODUCER_TUNING.items() if k not in settings.kafka_config}
+    tuning = unless_configured(settings, SINK_PRODUCER_TUNING)
     return producer_config(settings, transactional_id=transactional_id, **tuning)
 
 

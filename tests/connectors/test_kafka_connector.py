@@ -46,6 +46,13 @@ def test_sink_producer_tuning_gives_way_to_kafka_config():
     assert default["compression.type"] == "lz4"
 
 
+def test_source_prefetch_is_bounded_unless_kafka_config_sets_it():
+    tuning = kafka.SOURCE_CONSUMER_TUNING
+    assert kafka.unless_configured(Settings(), tuning) == {"queued.max.messages.kbytes": 8192}
+    own = Settings(kafka_config={"queued.max.messages.kbytes": 65536})
+    assert kafka.unless_configured(own, tuning) == {}
+
+
 def test_consumer_config_defaults_and_overrides():
     settings = Settings(kafka_consumer_group="g1")
     conf = kafka.consumer_config(settings, **{"isolation.level": "read_uncommitted"})
