@@ -706,18 +706,20 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(result)
         return best_of(runs)
 
-    try:
-        results["ours"] = measure(
-            "ours",
-            lambda n, p: ours_job(
-                n,
-                brokers,
-                topic_in,
-                p,
-                1,
-                profile=logs / f"{n}.pyspy.txt" if args.profile else None,
-            ),
+    def one_process(settings: dict[str, str] | None = None):
+        """`ours` as one process (under py-spy with --profile), with extra settings."""
+        return lambda n, p: ours_job(
+            n,
+            brokers,
+            topic_in,
+            p,
+            1,
+            profile=logs / f"{n}.pyspy.txt" if args.profile else None,
+            settings=settings,
         )
+
+    try:
+        results["ours"] = measure("ours", one_process())
         if "naive" not in skip:
             results["naive"] = measure("naive", lambda n, p: naive_job(n, brokers, topic_in, p))
         if "quix" not in skip:
@@ -730,18 +732,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
         if "fanout" not in skip:
             try:
-                results["fanout"] = measure(
-                    "fanout",
-                    lambda n, p: ours_job(
-                        n,
-                        brokers,
-                        topic_in,
-                        p,
-                        1,
-                        profile=logs / f"{n}.pyspy.txt" if args.profile else None,
-                        settings=fanout_settings(run_id),
-                    ),
-                )
+                results["fanout"] = measure("fanout", one_process(fanout_settings(run_id)))
             finally:
                 drop_fanout_data(run_id)
         if "scaling" not in skip:
