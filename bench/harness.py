@@ -19,7 +19,8 @@ Phases (each on fresh topics and consumer groups named `bench.<run id>.*`):
    removed afterwards; the end is when the dataflow returned after the stores' last flush.
 4. **Scaling**: `ours` as 2 processes (`-i 0|1 -a host:port;host:port`), same topic.
 5. **Latency**: `ours` live (no stop at end, epoch interval `-s 1`) on a fresh topic while the
-   harness produces at a steady `--rate` for `--latency-s` seconds; end-to-sink latency = the
+   harness produces at a steady `--rate` for `--latency-s` seconds, events generated for it whose
+   event time starts at the phase and moves with the wall clock; end-to-sink latency = the
    Kafka timestamp of each `enriched` output record − its `ingested_at` (= the input record's Kafka
    timestamp); also the time it became visible to a read_committed consumer. The job is stopped
    with SIGINT afterwards.
@@ -547,15 +548,25 @@ def percentiles(values: list[int]) -> dict:
     return {"p50": at(0.50), "p95": at(0.95), "p99": at(0.99), "max": values[-1]}
 
 
+def live_lines(n: int, seed: int, seconds: float) -> list[bytes]:
+    """`n` events whose event time starts now and spans `seconds`, as live input has it (the
+    catch-up data spans hours of past event time; replaying it live would make most of it late)."""
+    log(f"  [latency] generating {n:,} live events")
+    start_ms = int(time.time() * 1000)
+    return list(workload.generate(n, seed=seed, start=start_ms, span_s=seconds))
+
+
 def latency_phase(
     brokers: str,
     run_id: str,
-    lines: list[bytes],
+    seed: int,
     partitions: int,
     rate: int,
     seconds: float,
     logs: Path,
 ) -> dict:
+    warm_records = partitions * 20
+    lines = live_lines(warm_records + int(rate * seconds), seed, seconds)
     prefix = f"bench.{run_id}.lat"
     topic_in = f"{prefix}.raw"
     create_topics(brokers, [topic_in], partitions)
@@ -573,7 +584,7 @@ def latency_phase(
     try:
         # Warm up: a few records, until they come out (the job is then running and caught up).
         warm_until = time.time() + 120
-        for i in range(partitions * 20):
+        for i in range(warm_records):
             producer.produce(topic_in, lines[i], partition=i % partitions)
         producer.flush(30)
         while not watcher.rows:
@@ -587,8 +598,7 @@ def latency_phase(
         tick = 0.01
         per_tick = rate * tick
         sent = 0
-        n = len(lines)
-        i = partitions * 20
+        i = warm_records
         next_report = started + 5
         while True:
             now = time.time()
@@ -597,7 +607,7 @@ def latency_phase(
             due = int((now - started) * rate)
             while sent < due:
                 try:
-                    producer.produce(topic_in, lines[i % n], partition=i % partitions)
+                    producer.produce(topic_in, lines[i], partition=i % partitions)
                 except BufferError:
                     producer.poll(0.01)
                     continue
@@ -606,8 +616,10 @@ def latency_phase(
             producer.poll(0)
             if now >= next_report:
                 next_report = now + 5
+                rss = f" rss={sampler.samples[-1][2]:.0f}MB" if sampler.samples else ""
                 log(
-                    f"  [latency] {now - started:4.0f}s sent={sent:,} out={len(watcher.rows) - warm:,}"
+                    f"  [latency] {now - started:4.0f}s sent={sent:,} "
+                    f"out={len(watcher.rows) - warm:,}{rss}"
                 )
             time.sleep(max(0.0, tick - (time.time() - now)) if per_tick else tick)
         producer.flush(30)
@@ -747,7 +759,7 @@ def main(argv: list[str] | None = None) -> int:
             log("latency phase")
             try:
                 results["latency"] = latency_phase(
-                    brokers, run_id, lines, args.partitions, args.rate, args.latency_s, logs
+                    brokers, run_id, args.seed, args.partitions, args.rate, args.latency_s, logs
                 )
             except Exception as exc:  # noqa: BLE001 - reported; the summary is still printed
                 log(f"latency phase failed: {exc}")

@@ -84,7 +84,9 @@ class SessionState:
     retention_ms: int
     clock: ShardClock = field(default_factory=ShardClock)
     sessions: dict[str, list[Session]] = field(default_factory=dict)
-    # heap of (when, session_id): when to look at a session id again (close or expire)
+    # heap of (when, session_id): when to look at a session id again (close or expire). An entry
+    # may be early (the session grew since): it is then pushed again for the session's new end, so
+    # a session that grows event by event keeps one entry instead of one per batch.
     deadlines: list[tuple[int, str]] = field(default_factory=list)
     horizon_ms: int = -(2**62)
     dropped_events: int = 0
@@ -157,7 +159,9 @@ class SessionState:
             if group is None:
                 sessions[session_id] = [Session(intern(tenant), user_id, start, end, count)]
             elif len(group) == 1 and _extend(group[0], tenant, user_id, start, end, count, gap):
-                end = group[0].end
+                if group[0].revision < 0:
+                    continue  # still open: its entry is due no later than its new close
+                end = group[0].end  # a correction: its entry is one for expiry, too late
             else:
                 new = Session(intern(tenant), user_id, start, end, count)
                 sessions[session_id] = _merge(group, new, gap)
@@ -177,14 +181,20 @@ class SessionState:
             if group is None:
                 continue
             expired = False
+            again = None  # the earliest close still ahead of a changed session
             for session in group:
                 closes_at = session.end + gap
-                if closes_at <= watermark and session.dirty:
-                    rows.append(_emit_session(session_id, session))
-                    if closes_at > horizon:
-                        push(deadlines, (closes_at + retention, session_id))
+                if session.dirty:
+                    if closes_at <= watermark:
+                        rows.append(_emit_session(session_id, session))
+                        if closes_at > horizon:
+                            push(deadlines, (closes_at + retention, session_id))
+                    elif again is None or closes_at < again:
+                        again = closes_at
                 if closes_at <= horizon:
                     expired = True
+            if again is not None:
+                push(deadlines, (again, session_id))
             if expired:
                 kept = [session for session in group if session.end + gap > horizon]
                 if kept:

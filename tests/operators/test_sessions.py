@@ -80,3 +80,28 @@ def test_late_event_revises_a_closed_session():
     # after retention the closed session is freed
     state.apply("p0", (T0 + 10 + GAP + 86_400) * 1000, None)
     assert state.sessions == {}
+
+
+def test_a_session_growing_batch_by_batch_keeps_one_deadline_and_closes_at_its_last_event():
+    state = SessionState(gap_ms=GAP * 1000, retention_ms=86_400_000)
+    for i in range(100):  # live input: one event per batch, the watermark following event time
+        t = T0 + 60 * i
+        assert state.apply("p0", t * 1000, partials([("s1", t, "u")])) == []
+    assert len(state.deadlines) == 1
+    last = T0 + 60 * 99
+    assert state.apply("p0", (last + GAP - 1) * 1000, None) == []  # early entry pushed again
+    (row,) = state.apply("p0", (last + GAP) * 1000, None)
+    assert (row["event_count"], row["duration_s"], row["revision"]) == (100, 60 * 99, 0)
+    assert state.apply("p0", (last + GAP + 3600) * 1000, None) == []
+
+
+def test_an_event_within_the_gap_after_a_close_reopens_the_session_until_its_new_close():
+    state = SessionState(gap_ms=GAP * 1000, retention_ms=86_400_000)
+    state.apply("p0", T0 * 1000, partials([("s1", T0, "u")]))
+    (first,) = state.apply("p0", (T0 + GAP) * 1000, None)
+    # late, but within the gap of the closed session: it grows, and closes again GAP after it
+    assert state.apply("p0", (T0 + GAP) * 1000, partials([("s1", T0 + 100, "u")])) == []
+    assert state.apply("p0", (T0 + 100 + GAP - 1) * 1000, None) == []
+    (second,) = state.apply("p0", (T0 + 100 + GAP) * 1000, None)
+    assert (first["event_count"], first["revision"]) == (1, 0)
+    assert (second["event_count"], second["revision"], second["duration_s"]) == (2, 1, 100.0)
