@@ -1,3 +1,4 @@
+import pickle
 from datetime import UTC, datetime
 
 import polars as pl
@@ -105,3 +106,28 @@ def test_an_event_within_the_gap_after_a_close_reopens_the_session_until_its_new
     (second,) = state.apply("p0", (T0 + 100 + GAP) * 1000, None)
     assert (first["event_count"], first["revision"]) == (1, 0)
     assert (second["event_count"], second["revision"], second["duration_s"]) == (2, 1, 100.0)
+
+
+def test_a_pickled_state_keeps_every_segment_and_derives_its_deadlines():
+    state = SessionState(gap_ms=GAP * 1000, retention_ms=86_400_000)
+    state.apply("p0", T0 * 1000, partials([("s1", T0, "u"), ("sé✓", T0, None), ("s3", T0, "")]))
+    emitted = state.apply("p0", (T0 + GAP) * 1000, None)
+    state.apply("p0", (T0 + GAP) * 1000, partials([("s1", T0 + 2 * GAP + 5, "v")]))
+
+    restored = pickle.loads(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
+
+    assert restored.sessions == state.sessions
+    expires = (T0 + GAP) * 1000 + 86_400_000
+    assert sorted(restored.deadlines) == [
+        ((T0 + 3 * GAP + 5) * 1000, "s1"),  # its second segment closes before the first expires
+        (expires, "s3"),
+        (expires, "sé✓"),
+    ]
+    assert sorted((r["session_id"], r["user_id"]) for r in emitted) == [
+        ("s1", "u"),
+        ("s3", ""),
+        ("sé✓", None),
+    ]
+    assert restored.apply("p0", (T0 + 3 * GAP + 5) * 1000, None) == state.apply(
+        "p0", (T0 + 3 * GAP + 5) * 1000, None
+    )

@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 
 from operators.event_time import PartitionClock
-from operators.sessions import SessionState, session_partials
+from operators.sessions import Session, SessionState, session_partials
 from operators.windows import WindowState, window_partials
 from tests.dataflows import truth
 
@@ -94,6 +94,25 @@ def old_layout(state):
     return restored
 
 
+def lists_layout(state):
+    """Sessions as the version before pickled them: a list per column, the deadlines as they were
+    (windows as they are now)."""
+    if isinstance(state, WindowState):
+        return pickled(state)
+    segments = [s for group in state.sessions.values() for s in group]
+    attributes = {
+        **{k: getattr(state, k) for k in ("gap_ms", "retention_ms", "clock", "horizon_ms")},
+        "dropped_events": state.dropped_events,
+        "deadlines": state.deadlines,
+        "session_ids": list(state.sessions),
+        "segments_per_id": [len(group) for group in state.sessions.values()],
+        "segments": {name: [getattr(s, name) for s in segments] for name in Session.__slots__},
+    }
+    restored = SessionState.__new__(SessionState)
+    restored.__setstate__(pickle.loads(pickle.dumps(attributes)))
+    return restored
+
+
 def test_final_windows_and_sessions_are_exact():
     batches = random_batches(seed=7)
     *steps, dropped = run(batches, retention_ms=86_400_000)
@@ -111,7 +130,7 @@ def test_final_windows_and_sessions_are_exact():
 
 @pytest.mark.parametrize("retention_ms", [0, 1_200_000, 86_400_000])
 @pytest.mark.parametrize("resume_at", [1, 17, 39])
-@pytest.mark.parametrize("restore", [pickled, old_layout])
+@pytest.mark.parametrize("restore", [pickled, lists_layout, old_layout])
 def test_a_restored_state_continues_like_an_uninterrupted_one(retention_ms, resume_at, restore):
     batches = random_batches(seed=resume_at)
     expected = run(batches, retention_ms)
