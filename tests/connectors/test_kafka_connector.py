@@ -41,6 +41,7 @@ def test_sink_producer_tuning_gives_way_to_kafka_config():
         "linger.ms": 20,
         "transaction.timeout.ms": 600_000,
         "message.timeout.ms": 590_000,
+        "delivery.report.only.error": True,
     }
     default = kafka.sink_producer_config(Settings(kafka_bootstrap_servers="b:1"), "tx-2")
     assert default["compression.type"] == "lz4"
