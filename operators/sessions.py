@@ -23,6 +23,7 @@ import polars as pl
 
 from operators.event_time import END_WATERMARK
 from operators.sharding import ShardClock, rows_by_shard
+from operators.snapshot_log import SnapshotLog
 from operators.windows import iso_ms
 
 
@@ -76,6 +77,25 @@ class Session:
     dirty: bool = True  # changed since it was last emitted
 
 
+def _encode_groups(session_ids: list[str], groups: list[list[Session]]) -> dict:
+    # A few long lists pickle several times faster than an object per session.
+    segments = list(chain.from_iterable(groups))
+    return {
+        "session_ids": session_ids,
+        "segments_per_id": list(map(len, groups)),
+        "segments": {name: list(map(attrgetter(name), segments)) for name in Session.__slots__},
+    }
+
+
+def _decode_groups(chunk: dict) -> tuple[list[str], list[list[Session]]]:
+    segments = iter(map(Session, *chunk["segments"].values()))
+    return chunk["session_ids"], [list(islice(segments, n)) for n in chunk["segments_per_id"]]
+
+
+def _new_log() -> SnapshotLog:
+    return SnapshotLog(_encode_groups, _decode_groups)
+
+
 @dataclass
 class SessionState:
     """The sessions of one shard."""
@@ -90,6 +110,7 @@ class SessionState:
     deadlines: list[tuple[int, str]] = field(default_factory=list)
     horizon_ms: int = -(2**62)
     dropped_events: int = 0
+    log: SnapshotLog = field(default_factory=lambda: _new_log(), repr=False, compare=False)
 
     state_kind: ClassVar[str] = "open_sessions"
 
@@ -98,47 +119,49 @@ class SessionState:
         return len(self.sessions)
 
     def __getstate__(self) -> dict:
-        # Snapshots happen every epoch: a few long lists pickle several times faster than an
-        # object per session. The deadlines are left out (a third of the bytes): `__setstate__`
-        # derives them from the sessions.
-        groups = self.sessions.values()
-        segments = list(chain.from_iterable(groups))
+        # Snapshots happen every epoch: the sessions are sealed into chunks (see `SnapshotLog`), of
+        # which only the one with the sessions changed since the last snapshot is pickled anew. The
+        # deadlines are left out: `__setstate__` derives them from the sessions.
         return {
             "gap_ms": self.gap_ms,
             "retention_ms": self.retention_ms,
             "clock": self.clock,
             "horizon_ms": self.horizon_ms,
             "dropped_events": self.dropped_events,
-            "session_ids": list(self.sessions),
-            "segments_per_id": list(map(len, groups)),
-            "segments": {name: list(map(attrgetter(name), segments)) for name in Session.__slots__},
+            "chunks": self.log.seal(self.sessions),
         }
 
     def __setstate__(self, state: dict) -> None:
-        if "segments" not in state:  # written before the columnar form: the attributes as such
+        self.log = _new_log()
+        if "chunks" not in state and "segments" not in state:
+            # written before the columnar form: the attributes as such
             self.__dict__.update(state)
+            self.log.changed.update(self.sessions)
             return
         self.gap_ms = state["gap_ms"]
         self.retention_ms = state["retention_ms"]
         self.clock = state["clock"]
         self.horizon_ms = state["horizon_ms"]
         self.dropped_events = state["dropped_events"]
-        segments = iter(map(Session, *state["segments"].values()))
-        self.sessions = {
-            session_id: list(islice(segments, n))
-            for session_id, n in zip(state["session_ids"], state["segments_per_id"], strict=True)
-        }
+        if "chunks" in state:
+            # A deleted session can have an earlier version in an older chunk; deletion comes
+            # with expiry, so that version has expired too.
+            horizon, gap = self.horizon_ms, self.gap_ms
+            self.sessions = self.log.load(
+                state["chunks"],
+                lambda _, group: any(s.end + gap > horizon for s in group),
+            )
+        else:  # written before the chunks: one chunk's worth of sessions, as they are
+            self.sessions = dict(zip(*_decode_groups(state), strict=True))
+            self.log.changed.update(self.sessions)
         # snapshots written before the deadlines were derived hold them
         self.deadlines = state.get("deadlines") or self._derived_deadlines()
 
     def _derived_deadlines(self) -> list[tuple[int, str]]:
-        """One entry per session id, due when a changed segment closes or a closed one expires."""
+        """One entry per session id (see `_next_due`)."""
         gap, retention = self.gap_ms, self.retention_ms
         deadlines = [
-            (
-                min(s.end + gap if s.dirty else s.end + gap + retention for s in group),
-                session_id,
-            )
+            (_next_due(group, gap, retention), session_id)
             for session_id, group in self.sessions.items()
         ]
         heapq.heapify(deadlines)
@@ -161,7 +184,7 @@ class SessionState:
     def _absorb(self, partials: list[tuple]) -> None:
         gap = self.gap_ms
         sessions, deadlines = self.sessions, self.deadlines
-        intern, push = sys.intern, heapq.heappush
+        intern, push, touch = sys.intern, heapq.heappush, self.log.changed.add
         past_retention = self.horizon_ms - gap  # a segment ending by then closed too long ago
         for session_id, tenant, user_id, start, end, count in partials:
             if end <= past_retention:
@@ -169,6 +192,7 @@ class SessionState:
                 continue
             # interned: the deadlines of a session share its id, its sessions a few tenants
             session_id = intern(session_id)
+            touch(session_id)
             group = sessions.get(session_id)
             if group is None:
                 sessions[session_id] = [Session(intern(tenant), user_id, start, end, count)]
@@ -185,42 +209,45 @@ class SessionState:
     def _emit(self, watermark: int) -> list[dict]:
         """Emit sessions that closed (or changed after closing); free those past retention.
 
-        Rows come in the order of their close, then session id: the same rows in the same order
-        whatever entries the deadline heap held (a restored state holds fewer)."""
+        Every session id keeps a deadline entry due no later than its next close or expiry (an
+        entry that comes early is pushed again for that), so nothing past the horizon outlives
+        this call. Rows come in the order of their close, then session id: the same rows in the
+        same order whatever entries the deadline heap held (a restored state holds fewer)."""
         closed = []
         gap, retention = self.gap_ms, self.retention_ms
         horizon = max(self.horizon_ms, watermark - retention)
         sessions, deadlines = self.sessions, self.deadlines
-        push, pop = heapq.heappush, heapq.heappop
+        push, pop, touch = heapq.heappush, heapq.heappop, self.log.changed.add
         while deadlines and deadlines[0][0] <= watermark:
             session_id = pop(deadlines)[1]
             group = sessions.get(session_id)
             if group is None:
                 continue
-            expired = False
-            again = None  # the earliest close still ahead of a changed session
+            emitted = False
             for session in group:
                 closes_at = session.end + gap
-                if session.dirty:
-                    if closes_at <= watermark:
-                        closed.append((closes_at, session_id, _emit_session(session_id, session)))
-                        if closes_at > horizon:
-                            push(deadlines, (closes_at + retention, session_id))
-                    elif again is None or closes_at < again:
-                        again = closes_at
-                if closes_at <= horizon:
-                    expired = True
-            if again is not None:
-                push(deadlines, (again, session_id))
-            if expired:
-                kept = [session for session in group if session.end + gap > horizon]
+                if session.dirty and closes_at <= watermark:
+                    closed.append((closes_at, session_id, _emit_session(session_id, session)))
+                    emitted = True
+            kept = [session for session in group if session.end + gap > horizon]
+            if len(kept) < len(group):  # expired
                 if kept:
                     sessions[session_id] = kept
                 else:
                     del sessions[session_id]
+            if kept:
+                push(deadlines, (_next_due(kept, gap, retention), session_id))
+            if emitted or len(kept) < len(group):
+                touch(session_id)
         self.horizon_ms = horizon
         closed.sort(key=itemgetter(0, 1))
         return [row for _, _, row in closed]
+
+
+def _next_due(group: list[Session], gap: int, retention: int) -> int:
+    """When to look at a session id again: the first close of a changed segment or expiry of a
+    closed one."""
+    return min(s.end + gap if s.dirty else s.end + gap + retention for s in group)
 
 
 def _extend(

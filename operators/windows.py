@@ -29,6 +29,7 @@ import polars as pl
 
 from operators.event_time import END_WATERMARK
 from operators.sharding import ShardClock, rows_by_shard
+from operators.snapshot_log import SnapshotLog
 
 WINDOW_SIZES_MS: dict[str, int] = {"1m": 60_000, "5m": 300_000, "1h": 3_600_000}
 # Partials are per window of the smallest size; every size is a whole number of them.
@@ -106,6 +107,25 @@ def _unique(users: set[str] | str) -> int:
     return len(users) if isinstance(users, set) else users.count(_SEPARATOR) - 1
 
 
+def _encode_cells(keys: list[CellKey], cells: list[Cell]) -> dict:
+    # Columns of builtins pickle several times faster than an object per cell.
+    return {
+        "keys": keys,
+        "counts": [cell.count for cell in cells],
+        "users": [cell.users for cell in cells],
+        "revisions": [cell.revision for cell in cells],
+    }
+
+
+def _decode_cells(chunk: dict) -> tuple[list[CellKey], list[Cell]]:
+    cells = map(Cell, chunk["counts"], chunk["users"], chunk["revisions"])
+    return chunk["keys"], list(cells)
+
+
+def _new_log() -> SnapshotLog:
+    return SnapshotLog(_encode_cells, _decode_cells)
+
+
 @dataclass
 class WindowState:
     """The windows of one shard."""
@@ -118,6 +138,7 @@ class WindowState:
     # Windows that ended at or before this horizon are gone for good.
     horizon_ms: int = -(2**62)
     dropped_events: int = 0
+    log: SnapshotLog = field(default_factory=lambda: _new_log(), repr=False, compare=False)
 
     state_kind: ClassVar[str] = "window_cells"
 
@@ -126,34 +147,37 @@ class WindowState:
         return len(self.cells)
 
     def __getstate__(self) -> dict:
-        # Snapshots happen every epoch: columns of builtins pickle several times faster than an
-        # object per cell, and the heaps follow from the cells (emitted or not).
-        cells = self.cells.values()
+        # Snapshots happen every epoch: the cells are sealed into chunks (see `SnapshotLog`), of
+        # which only the one with the cells changed since the last snapshot is pickled anew. The
+        # heaps follow from the cells (emitted or not).
         return {
             "retention_ms": self.retention_ms,
             "clock": self.clock,
             "horizon_ms": self.horizon_ms,
             "dropped_events": self.dropped_events,
-            "keys": list(self.cells),
-            "counts": [cell.count for cell in cells],
-            "users": [cell.users for cell in cells],
-            "revisions": [cell.revision for cell in cells],
+            "chunks": self.log.seal(self.cells),
         }
 
     def __setstate__(self, state: dict) -> None:
+        self.log = _new_log()
         if "cells" in state:  # written before the columnar form: the attributes as such
             self.__dict__.update(state)
+            self.log.changed.update(self.cells)
             return
         self.retention_ms = state["retention_ms"]
         self.clock = state["clock"]
         self.horizon_ms = state["horizon_ms"]
         self.dropped_events = state["dropped_events"]
-        self.cells = {
-            key: Cell(count, users, revision)
-            for key, count, users, revision in zip(
-                state["keys"], state["counts"], state["users"], state["revisions"], strict=True
+        if "chunks" in state:
+            # A deleted cell can have an earlier version in an older chunk; deletion comes with
+            # expiry, so that version has expired too.
+            horizon = self.horizon_ms
+            self.cells = self.log.load(
+                state["chunks"], lambda key, _: key[3] + WINDOW_SIZES_MS[key[2]] > horizon
             )
-        }
+        else:  # written before the chunks: one chunk's worth of cells, as they are
+            self.cells = dict(zip(*_decode_cells(state), strict=True))
+            self.log.changed.update(self.cells)
         self.pending = []
         self.emitted = []
         for key, cell in self.cells.items():
@@ -177,7 +201,7 @@ class WindowState:
         return self._emit(self.clock.watermark_ms, revised)
 
     def _absorb(self, partials: list[tuple], revised: set[CellKey]) -> None:
-        cells = self.cells
+        cells, touch = self.cells, self.log.changed.add
         for tenant, etype, base_start, count, users in partials:
             for label, size in WINDOW_SIZES_MS.items():
                 start = base_start - base_start % size
@@ -190,8 +214,10 @@ class WindowState:
                     # interned: the keys of a shard share a few tenant and type strings
                     key = (sys.intern(tenant), sys.intern(etype), label, start)
                     cells[key] = Cell(count, set(users))
+                    touch(key)
                     heapq.heappush(self.pending, (start + size, key))
                     continue
+                touch(key)
                 if cell.revision >= 0:
                     revised.add(key)
                 cell.count += count
@@ -215,6 +241,7 @@ class WindowState:
 
     def _emit_cell(self, key: CellKey) -> dict:
         cell = self.cells[key]
+        self.log.changed.add(key)
         tenant, etype, label, start = key
         end = start + WINDOW_SIZES_MS[label]
         if cell.revision < 0:
@@ -237,7 +264,8 @@ class WindowState:
         if horizon <= self.horizon_ms:
             return
         self.horizon_ms = horizon
-        emitted = self.emitted
+        emitted, touch = self.emitted, self.log.changed.add
         while emitted and emitted[0][0] <= horizon:
             _, key = heapq.heappop(emitted)
             del self.cells[key]
+            touch(key)

@@ -131,3 +131,20 @@ def test_a_pickled_state_keeps_every_segment_and_derives_its_deadlines():
     assert restored.apply("p0", (T0 + 3 * GAP + 5) * 1000, None) == state.apply(
         "p0", (T0 + 3 * GAP + 5) * 1000, None
     )
+
+
+def test_every_segment_of_a_restored_session_id_expires_on_time():
+    # Two closed sessions under one id: restored, the id has one deadline entry (the earlier
+    # expiry); the later session must still be freed at its own expiry, not linger.
+    retention_ms = 8 * GAP * 1000
+    state = SessionState(gap_ms=GAP * 1000, retention_ms=retention_ms)
+    state.apply("p0", T0 * 1000, partials([("s1", T0, "u"), ("s1", T0 + 3 * GAP, "u")]))
+    state.apply("p0", (T0 + 4 * GAP) * 1000, None)  # both closed and emitted
+    restored = pickle.loads(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
+    for current in (state, restored):
+        first_expiry = (T0 + GAP) * 1000 + retention_ms
+        current.apply("p0", first_expiry, None)
+        assert [s.start for s in current.sessions["s1"]] == [(T0 + 3 * GAP) * 1000]
+        current.apply("p0", first_expiry + 3 * GAP * 1000, None)
+        assert "s1" not in current.sessions
+        assert current.deadlines == []
