@@ -10,9 +10,10 @@ key from an earlier chunk.
 
 A changed entry leaves a dead copy in its old chunk. A chunk that is empty is dropped, one that is
 half dead or more is rewritten into the new chunk (its live entries, as they are now), and the new
-chunk absorbs the chunks before it while they hold no more than twice its entries, so the chunks
-grow geometrically with age: a state of n entries takes O(log n) chunks, and an entry is rewritten
-O(log n) times on average.
+chunk absorbs the chunks before it while they hold no more live entries than it (a binary
+counter), so the chunks grow geometrically with age: a state of n entries takes O(log n) chunks,
+and an entry is rewritten O(log n) times on average. (Absorbing chunks up to twice the size was
+measured too: 40% more entries rewritten for 13% fewer bytes.)
 
 Deleted entries get no tombstone: an older chunk may still hold an earlier version of a deleted
 key, so a state must only delete entries that its restore drops anyway (expired past the horizon
@@ -70,7 +71,7 @@ class SnapshotLog:
                 keys.extend(self._live_keys(chunk))  # nothing when it is empty
             else:
                 kept.append(chunk)
-        while kept and kept[-1].live <= 2 * len(keys):
+        while kept and kept[-1].live <= len(keys):
             keys.extend(self._live_keys(kept.pop()))
         if keys:
             values = [current[key] for key in keys]
