@@ -83,6 +83,15 @@ class SnapshotLog:
         self._chunks = kept
         return [chunk.data for chunk in kept]
 
+    def stats(self) -> dict[str, int]:
+        """Chunks held, their bytes, entries written into them and entries still live."""
+        return {
+            "chunks": len(self._chunks),
+            "bytes": sum(len(chunk.data) for chunk in self._chunks),
+            "entries": sum(len(chunk.keys) for chunk in self._chunks),
+            "live": len(self._home),
+        }
+
     def _live_keys(self, chunk: _Chunk) -> list:
         home = self._home
         return [key for key in chunk.keys if home.get(key) is chunk]

@@ -61,6 +61,12 @@ def test_unchanged_chunks_are_handed_over_as_they_were():
     assert second[0] is first[0]  # the old chunk is not pickled again
     assert pickle.loads(second[1]) == {"keys": [7], "values": [-1]}
     assert log.seal(entries) == second  # nothing changed, nothing sealed
+    assert log.stats() == {
+        "chunks": 2,
+        "bytes": len(first[0]) + len(second[1]),
+        "entries": 1001,
+        "live": 1000,
+    }
     restored = SnapshotLog(encode, decode).load(second, lambda key, value: True)
     assert restored == entries
 
