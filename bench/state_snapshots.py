@@ -13,10 +13,12 @@ snapshot logs' chunks. No servers needed.
 from __future__ import annotations
 
 import argparse
+import gc
 import pickle
 import time
 
 from bench import workload
+from dataflows.steps import GC_GENERATION0_THRESHOLD
 from operators.event_time import PartitionClock
 from operators.model import RawBatch, RawRecord
 from operators.sessions import SessionState, session_partials
@@ -34,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shards", type=int, default=8)
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args(argv)
+    _, older, oldest = gc.get_threshold()  # as the dataflow runs (`dataflows.steps`)
+    gc.set_threshold(GC_GENERATION0_THRESHOLD, older, oldest)
 
     print(f"generating {args.rate * args.seconds:,} live events", flush=True)
     lines = workload.generate(

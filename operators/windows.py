@@ -13,7 +13,9 @@ Two steps, so that the per-event work is columnar:
 `unique_users` is exact: each cell holds its distinct non-null user ids, as a set while the window
 is open and, once emitted, packed into one string (a few bytes per user instead of a set slot and a
 string object each). Most cells of a shard are emitted ones waiting out the retention, so this is
-what keeps memory and snapshots small; a late event only searches and extends the string.
+what keeps memory and snapshots small; a late event only searches and extends the string. An open
+cell also keeps the text its last snapshot packed and the users added since: each epoch's snapshot
+extends that text instead of pickling a 1 h window's users one string at a time.
 """
 
 from __future__ import annotations
@@ -83,6 +85,10 @@ class Cell:
     count: int
     users: set[str] | str  # a set until the cell is emitted, then packed (see `_pack`)
     revision: int = -1  # -1: not emitted yet
+    # An open cell's users as its last snapshot packed them, and those added since: the next
+    # snapshot appends these instead of pickling the whole set again (see `_snapshot_users`).
+    packed: str | None = None
+    added: list[str] | None = None
 
 
 def _pack(users: set[str]) -> set[str] | str:
@@ -103,6 +109,42 @@ def _add_packed(users: str, more: list[str]) -> set[str] | str:
     return users
 
 
+def _snapshot_users(cell: Cell) -> set[str] | str:
+    """A cell's users as a snapshot (and an emission) holds them: packed text, or the set when a
+    user id contains the separator. An open cell's 1 h of users would cost a pickled string each
+    every epoch; extending the text packed for the previous snapshot costs a copy of bytes."""
+    users = cell.users
+    if not isinstance(users, set):
+        return users
+    if cell.packed is None:
+        packed = _pack(users)
+        cell.packed = packed if isinstance(packed, str) else None
+    elif cell.added:
+        more = _SEPARATOR.join(cell.added) + _SEPARATOR
+        if more.count(_SEPARATOR) == len(cell.added):
+            cell.packed += more
+        else:  # a new user id contains the separator: the cell stays a set
+            cell.packed = None
+    cell.added = None
+    return users if cell.packed is None else cell.packed
+
+
+def _add_users(cell: Cell, users: list[str]) -> None:
+    if isinstance(cell.users, str):
+        cell.users = _add_packed(cell.users, users)
+        return
+    held = cell.users
+    new = [user for user in users if user not in held]
+    if not new:
+        return
+    held.update(new)
+    if cell.packed is not None:  # else the next snapshot packs the whole set
+        if cell.added is None:
+            cell.added = new
+        else:
+            cell.added.extend(new)
+
+
 def _unique(users: set[str] | str) -> int:
     return len(users) if isinstance(users, set) else users.count(_SEPARATOR) - 1
 
@@ -112,14 +154,21 @@ def _encode_cells(keys: list[CellKey], cells: list[Cell]) -> dict:
     return {
         "keys": keys,
         "counts": [cell.count for cell in cells],
-        "users": [cell.users for cell in cells],
+        "users": [_snapshot_users(cell) for cell in cells],
         "revisions": [cell.revision for cell in cells],
     }
 
 
 def _decode_cells(chunk: dict) -> tuple[list[CellKey], list[Cell]]:
-    cells = map(Cell, chunk["counts"], chunk["users"], chunk["revisions"])
-    return chunk["keys"], list(cells)
+    cells = []
+    for count, users, revision in zip(
+        chunk["counts"], chunk["users"], chunk["revisions"], strict=True
+    ):
+        if revision < 0 and isinstance(users, str):  # open: a set again, its packed text kept
+            cells.append(Cell(count, set(users.split(_SEPARATOR)[1:-1]), revision, users))
+        else:
+            cells.append(Cell(count, users, revision))
+    return chunk["keys"], cells
 
 
 def _new_log() -> SnapshotLog:
@@ -162,6 +211,8 @@ class WindowState:
         self.log = _new_log()
         if "cells" in state:  # written before the columnar form: the attributes as such
             self.__dict__.update(state)
+            # (their cells were pickled before cells had `packed` and `added`)
+            self.cells = {k: Cell(c.count, c.users, c.revision) for k, c in self.cells.items()}
             self.log.changed.update(self.cells)
             return
         self.retention_ms = state["retention_ms"]
@@ -221,10 +272,7 @@ class WindowState:
                 if cell.revision >= 0:
                     revised.add(key)
                 cell.count += count
-                if isinstance(cell.users, set):
-                    cell.users.update(users)
-                else:
-                    cell.users = _add_packed(cell.users, users)
+                _add_users(cell, users)
 
     def flush(self) -> list[dict]:
         """End of input: emit every window that has not been emitted."""
@@ -247,8 +295,8 @@ class WindowState:
         if cell.revision < 0:
             heapq.heappush(self.emitted, (end, key))
         cell.revision += 1
-        if isinstance(cell.users, set):
-            cell.users = _pack(cell.users)
+        cell.users = _snapshot_users(cell)
+        cell.packed = None
         return {
             "tenant": tenant,
             "event_type": etype,

@@ -10,7 +10,7 @@ import pytest
 
 from operators.event_time import PartitionClock
 from operators.sessions import Session, SessionState, session_partials
-from operators.windows import WindowState, window_partials
+from operators.windows import Cell, WindowState, window_partials
 from tests.dataflows import truth
 
 T0 = 1_700_000_000_000
@@ -90,6 +90,17 @@ def latest_snapshot(state, snapshots):
     return pickle.loads(snapshots[id(state)])
 
 
+class OldCell:
+    """Pickles as a `Cell` did before it had `packed` and `added`: those stay unset on loading."""
+
+    def __init__(self, cell: Cell):
+        self.cell = cell
+
+    def __reduce_ex__(self, protocol):
+        slots = {"count": self.cell.count, "users": self.cell.users, "revision": self.cell.revision}
+        return Cell.__new__, (Cell,), (None, slots)
+
+
 def old_layout(state, _snapshots):
     """The state as the previous version pickled it: its attributes, users as plain sets."""
     attributes = {k: v for k, v in vars(state).items() if k != "log"}
@@ -97,6 +108,7 @@ def old_layout(state, _snapshots):
         for cell in attributes["cells"].values():
             if isinstance(cell.users, str):
                 cell.users = set(cell.users.split("\x00")[1:-1])
+        attributes["cells"] = {key: OldCell(c) for key, c in attributes["cells"].items()}
     restored = type(state).__new__(type(state))
     restored.__setstate__(pickle.loads(pickle.dumps(attributes)))
     return restored

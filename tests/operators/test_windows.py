@@ -1,3 +1,4 @@
+import pickle
 from datetime import UTC, datetime
 
 import polars as pl
@@ -125,3 +126,29 @@ def test_emitted_cells_keep_users_packed_and_late_users_count_once():
     odd = events([("a", "click", T0 + 10, "x\x00y")])  # holds the separator: back to a set
     (row,) = [r for r in state.apply("p0", (T0 + 60) * 1000, one_shard(odd)) if r["window"] == "1m"]
     assert (row["unique_users"], cell.users) == (4, {"u1", "", "u2", "x\x00y"})
+
+
+def test_an_open_cell_snapshots_its_users_by_extending_the_text_packed_before():
+    key = ("a", "click", "1h", (T0 - T0 % 3600) * 1000)
+    state = WindowState(retention_ms=86_400_000)
+
+    def add(*users):
+        state.apply("p0", T0 * 1000, one_shard(events([("a", "click", T0, u) for u in users])))
+
+    def restored_users():
+        return pickle.loads(pickle.dumps(state)).cells[key].users
+
+    add("u1", "")
+    assert restored_users() == {"u1", ""}
+    packed = state.cells[key].packed
+    add("u2", "u1")  # u1 is no news
+    assert state.cells[key].added == ["u2"]
+    assert restored_users() == {"u1", "", "u2"}
+    assert state.cells[key].packed == packed + "u2\x00"  # extended, not packed anew
+    add("x\x00y")  # holds the separator: the snapshot pickles the set from now on
+    assert restored_users() == {"u1", "", "u2", "x\x00y"}
+    assert state.cells[key].packed is None
+    add("u3")
+    assert restored_users() == {"u1", "", "u2", "x\x00y", "u3"}
+    (row,) = [r for r in state.flush() if r["window"] == "1h"]
+    assert row["unique_users"] == 5
