@@ -41,6 +41,7 @@ Exported series (keep the names; alerts and the dashboard in k8s/monitoring use 
 | `sink_failures(sink, n)` | `pipeline_sink_failures_total{sink}` | counter |
 | `batch_size(step, n)` | `pipeline_batch_size{step}` | histogram |
 | `state_size(kind, n)` | `pipeline_state_size{kind}` | gauge (`window_cells`, `open_sessions`) |
+| `state_snapshot_bytes(kind, n)` | `pipeline_state_snapshot_bytes{kind}` | gauge, bytes of the last snapshot |
 | (set by the constructor) | `pipeline_up` | gauge, 1 |
 
 `end_to_sink_latency` is meant to be called once per batch a sink has written, with the age of
@@ -107,6 +108,9 @@ class Metrics:
 
     def state_size(self, kind: str, size: int) -> None:
         """Open state: `window_cells`, `open_sessions`."""
+
+    def state_snapshot_bytes(self, kind: str, size: int) -> None:
+        """Bytes of the last snapshot of this process's shards of one kind of state."""
 
 
 class NoopMetrics(Metrics):
@@ -187,6 +191,9 @@ class InMemoryMetrics(Metrics):
     def state_size(self, kind: str, size: int) -> None:
         self._set("pipeline_state_size", size, kind=kind)
 
+    def state_snapshot_bytes(self, kind: str, size: int) -> None:
+        self._set("pipeline_state_snapshot_bytes", size, kind=kind)
+
 
 class PrometheusMetrics(Metrics):
     """prometheus_client counters, gauges and histograms in one registry.
@@ -255,6 +262,12 @@ class PrometheusMetrics(Metrics):
             ["kind"],
             registry=reg,
         )
+        self._state_snapshot_bytes = Gauge(
+            "pipeline_state_snapshot_bytes",
+            "Bytes of the last snapshot of the window and session state, by kind.",
+            ["kind"],
+            registry=reg,
+        )
         self._up = Gauge("pipeline_up", "1 while the pipeline process runs.", registry=reg)
         self._up.set(1)
 
@@ -290,6 +303,9 @@ class PrometheusMetrics(Metrics):
 
     def state_size(self, kind: str, size: int) -> None:
         self._state_size.labels(kind).set(size)
+
+    def state_snapshot_bytes(self, kind: str, size: int) -> None:
+        self._state_snapshot_bytes.labels(kind).set(size)
 
 
 def serve(settings: Settings, registry: CollectorRegistry | None = None) -> bool:

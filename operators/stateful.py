@@ -143,10 +143,11 @@ class ShardState(Protocol):
 
 
 class _StateSizes:
-    """The state size of every shard in this process, summed per kind for `pipeline_state_size`.
+    """A figure of every shard in this process, summed per kind: the state it holds
+    (`pipeline_state_size`) or the bytes of its last snapshot (`pipeline_state_snapshot_bytes`).
 
-    Each shard reports its own size after a batch; the gauge is set to the sum over the shards
-    alive in this process (a shard whose logic is gone drops out).
+    Each shard reports its own figure; the gauge is set to the sum over the shards alive in this
+    process (a shard whose logic is gone drops out).
     """
 
     def __init__(self) -> None:
@@ -161,6 +162,7 @@ class _StateSizes:
 
 
 _STATE_SIZES = _StateSizes()
+_SNAPSHOT_BYTES = _StateSizes()
 
 
 class _ShardLogic(StatefulBatchLogic[ShardInput, list[dict], bytes]):
@@ -183,7 +185,10 @@ class _ShardLogic(StatefulBatchLogic[ShardInput, list[dict], bytes]):
 
     def snapshot(self) -> bytes:
         # Pickling here is the immutable copy Bytewax asks for, made once.
-        return pickle.dumps(self._state, protocol=pickle.HIGHEST_PROTOCOL)
+        data = pickle.dumps(self._state, protocol=pickle.HIGHEST_PROTOCOL)
+        kind = self._state.state_kind
+        metrics.get().state_snapshot_bytes(kind, _SNAPSHOT_BYTES.report(kind, self, len(data)))
+        return data
 
 
 @operator

@@ -28,6 +28,7 @@ EXPORTED = {
     "pipeline_sink_failures_total": "counter",
     "pipeline_batch_size": "histogram",
     "pipeline_state_size": "gauge",
+    "pipeline_state_snapshot_bytes": "gauge",
     "pipeline_up": "gauge",
 }
 
@@ -44,6 +45,7 @@ def observe_each_once(m: metrics.Metrics) -> None:
     m.sink_failures("opensearch")
     m.batch_size("validate", 5000)
     m.state_size("open_sessions", 17)
+    m.state_snapshot_bytes("open_sessions", 4096)
 
 
 def exposition(registry: CollectorRegistry) -> dict[str, dict[tuple, float]]:
@@ -79,6 +81,7 @@ def test_prometheus_exposes_every_name_after_one_observation_each() -> None:
     assert series["pipeline_sink_retries_total"] == {(("sink", "redis"),): 1}
     assert series["pipeline_sink_failures_total"] == {(("sink", "opensearch"),): 1}
     assert series["pipeline_state_size"] == {(("kind", "open_sessions"),): 17}
+    assert series["pipeline_state_snapshot_bytes"] == {(("kind", "open_sessions"),): 4096}
     assert series["pipeline_up"] == {(): 1}
     assert series["pipeline_end_to_sink_latency_seconds_count"] == {(("sink", "postgres"),): 1}
     assert series["pipeline_batch_size_sum"] == {(("step", "validate"),): 5000}
@@ -122,7 +125,7 @@ def test_every_interface_method_is_implemented() -> None:
         for name, member in inspect.getmembers(metrics.Metrics, inspect.isfunction)
         if not name.startswith("_")
     }
-    assert len(interface) == 11
+    assert len(interface) == 12
     for cls in (metrics.PrometheusMetrics, metrics.InMemoryMetrics):
         for name in interface:
             assert getattr(cls, name) is not getattr(metrics.Metrics, name), (cls, name)

@@ -78,6 +78,7 @@ def test_golden_signals_are_covered() -> None:
         "pipeline_consumer_lag",
         "pipeline_event_time_lag_seconds",
         "pipeline_state_size",
+        "pipeline_state_snapshot_bytes",
     ):
         assert name in exprs, name
     assert "sum by (reason)" in exprs
