@@ -110,7 +110,7 @@ class SessionState:
     deadlines: list[tuple[int, str]] = field(default_factory=list)
     horizon_ms: int = -(2**62)
     dropped_events: int = 0
-    log: SnapshotLog = field(default_factory=lambda: _new_log(), repr=False, compare=False)
+    log: SnapshotLog = field(default_factory=_new_log, repr=False, compare=False)
 
     state_kind: ClassVar[str] = "open_sessions"
 
@@ -143,17 +143,12 @@ class SessionState:
         self.clock = state["clock"]
         self.horizon_ms = state["horizon_ms"]
         self.dropped_events = state["dropped_events"]
-        if "chunks" in state:
-            # A deleted session can have an earlier version in an older chunk; deletion comes
-            # with expiry, so that version has expired too.
-            horizon, gap = self.horizon_ms, self.gap_ms
-            self.sessions = self.log.load(
-                state["chunks"],
-                lambda _, group: any(s.end + gap > horizon for s in group),
-            )
-        else:  # written before the chunks: one chunk's worth of sessions, as they are
-            self.sessions = dict(zip(*_decode_groups(state), strict=True))
-            self.log.changed.update(self.sessions)
+        # A deleted session can have an earlier version in an older chunk; deletion comes with
+        # expiry, so that version has expired too.
+        horizon, gap = self.horizon_ms, self.gap_ms
+        self.sessions = self.log.restore(
+            state, lambda _, group: any(s.end + gap > horizon for s in group)
+        )
         # snapshots written before the deadlines were derived hold them
         self.deadlines = state.get("deadlines") or self._derived_deadlines()
 
@@ -230,14 +225,15 @@ class SessionState:
                     closed.append((closes_at, session_id, _emit_session(session_id, session)))
                     emitted = True
             kept = [session for session in group if session.end + gap > horizon]
-            if len(kept) < len(group):  # expired
+            expired = len(kept) < len(group)
+            if expired:
                 if kept:
                     sessions[session_id] = kept
                 else:
                     del sessions[session_id]
             if kept:
                 push(deadlines, (_next_due(kept, gap, retention), session_id))
-            if emitted or len(kept) < len(group):
+            if emitted or expired:
                 touch(session_id)
         self.horizon_ms = horizon
         closed.sort(key=itemgetter(0, 1))

@@ -96,6 +96,16 @@ class SnapshotLog:
         home = self._home
         return [key for key in chunk.keys if home.get(key) is chunk]
 
+    def restore(self, state: dict, keep: Callable[[Hashable, Any], bool]) -> dict:
+        """The entries of a snapshot's state: from its `chunks` (see `load`), or, written before
+        there were chunks, from the encoded entries the state itself holds, all of which the next
+        seal writes into one chunk."""
+        if "chunks" in state:
+            return self.load(state["chunks"], keep)
+        entries = dict(zip(*self._decode(state), strict=True))
+        self.changed.update(entries)
+        return entries
+
     def load(self, chunks: list[bytes], keep: Callable[[Hashable, Any], bool]) -> dict:
         """The state's entries from a snapshot's chunks (later versions win), without those
         `keep(key, value)` rejects; the chunks are taken over as they are."""

@@ -134,11 +134,12 @@ def _add_users(cell: Cell, users: list[str]) -> None:
         cell.users = _add_packed(cell.users, users)
         return
     held = cell.users
-    new = [user for user in users if user not in held]
-    if not new:
+    if cell.packed is None:  # the next snapshot packs the whole set
+        held.update(users)
         return
-    held.update(new)
-    if cell.packed is not None:  # else the next snapshot packs the whole set
+    new = [user for user in users if user not in held]
+    if new:
+        held.update(new)
         if cell.added is None:
             cell.added = new
         else:
@@ -187,7 +188,7 @@ class WindowState:
     # Windows that ended at or before this horizon are gone for good.
     horizon_ms: int = -(2**62)
     dropped_events: int = 0
-    log: SnapshotLog = field(default_factory=lambda: _new_log(), repr=False, compare=False)
+    log: SnapshotLog = field(default_factory=_new_log, repr=False, compare=False)
 
     state_kind: ClassVar[str] = "window_cells"
 
@@ -219,16 +220,12 @@ class WindowState:
         self.clock = state["clock"]
         self.horizon_ms = state["horizon_ms"]
         self.dropped_events = state["dropped_events"]
-        if "chunks" in state:
-            # A deleted cell can have an earlier version in an older chunk; deletion comes with
-            # expiry, so that version has expired too.
-            horizon = self.horizon_ms
-            self.cells = self.log.load(
-                state["chunks"], lambda key, _: key[3] + WINDOW_SIZES_MS[key[2]] > horizon
-            )
-        else:  # written before the chunks: one chunk's worth of cells, as they are
-            self.cells = dict(zip(*_decode_cells(state), strict=True))
-            self.log.changed.update(self.cells)
+        # A deleted cell can have an earlier version in an older chunk; deletion comes with
+        # expiry, so that version has expired too.
+        horizon = self.horizon_ms
+        self.cells = self.log.restore(
+            state, lambda key, _: key[3] + WINDOW_SIZES_MS[key[2]] > horizon
+        )
         self.pending = []
         self.emitted = []
         for key, cell in self.cells.items():
