@@ -321,10 +321,9 @@ class KafkaBatchSource(FixedPartitionedSource[RawBatch, int]):
 # can land between the Kafka commit and the snapshot: the resumed run then replays an epoch whose
 # output is already committed. To not write it twice, the snapshot records per topic partition an
 # offset at or before everything this partition writes after it (`tail_from`, from the topic's end
-# offsets; also kept in a ledger consumer group for a start without a snapshot), every record
-# names its sink partition in a header, and a resumed partition first reads back what it
-# committed after `tail_from` (`ReplayLedger`, identities recomputed from the record values) and
-# skips those rows. Rows that carry a `revision` (windows, sessions) can be re-emitted with other
+# offsets; also kept in a ledger consumer group for a start without a snapshot), and a resumed
+# partition first reads back what was committed after `tail_from` (`ReplayLedger`, identities
+# recomputed from the record values) and skips those rows. Rows that carry a `revision` (windows, sessions) can be re-emitted with other
 # totals after a replay; they are compared by content and re-numbered above what was committed, so
 # revisions stay unique and increasing. The protocol is in docs/exactly-once.md.
 
@@ -341,7 +340,6 @@ SINK_PRODUCER_TUNING: dict[str, Any] = {
     "delivery.report.only.error": True,
 }
 KAFKA_SINK_NAME = "kafka"  # the `sink` label of the metrics
-SINK_HEADER = "pipeline-sink"
 ID_HEADER = "pipeline-id"  # on dead letters (`KafkaDeadLetters`): the identity to deduplicate on
 
 
@@ -493,7 +491,6 @@ class _TransactionalPartition(StatefulSinkPartition[Rows, SinkState]):
         self._pending_oldest: float | None = None
         self._producer = Producer(sink_producer_config(settings, transactional_id))
         self._producer.init_transactions(60)  # fences (and aborts) a predecessor's transaction
-        self._headers = [(SINK_HEADER, transactional_id.encode())]
         self._open = False
         # Without a snapshot (a fresh store, or a crash before the first snapshot was persisted)
         # the start of the tail to read back comes from the ledger group (see `_TailMarks`).
@@ -502,7 +499,6 @@ class _TransactionalPartition(StatefulSinkPartition[Rows, SinkState]):
         self._ledger = _read_committed_tail(
             settings,
             topic,
-            transactional_id,
             self._tail_from,
             fmt,
             resume.floors if resume is not None else {},
@@ -550,13 +546,14 @@ class _TransactionalPartition(StatefulSinkPartition[Rows, SinkState]):
 
     def _produce(self, keys: list[bytes | None], values: list[bytes]) -> None:
         # No delivery callback: a failed delivery fails the transaction's commit, and `tail_from`
-        # comes from the topic's end offsets (see `_advance_tail`).
+        # comes from the topic's end offsets (see `_advance_tail`). No headers either: a header
+        # per record costs about as much again as the rest of a `produce` call.
         produce, poll = self._producer.produce, self._producer.poll
-        topic, headers = self._topic, self._headers
+        topic = self._topic
         for key, value in zip(keys, values, strict=True):
             while True:
                 try:
-                    produce(topic, value, key, headers=headers)
+                    produce(topic, value, key)
                     break
                 except BufferError:  # local queue full: wait for the broker (backpressure)
                     poll(0.1)
@@ -805,15 +802,18 @@ def read_to_end(
 def _read_committed_tail(
     settings: Settings,
     topic: str,
-    transactional_id: str,
     tail_from: dict[int, int],
     fmt: StreamFormat,
     floors: dict[str, int],
 ) -> ReplayLedger:
-    """Everything this sink partition committed at or after `tail_from` (read_committed): its
-    records are those with its `pipeline-sink` header, their identities come from their values."""
+    """Everything committed to `topic` at or after `tail_from` (read_committed), identities
+    computed from the values.
+
+    Records of other sink partitions are read too: their identities are not ones this partition
+    writes (rows go to sink partitions by source partition or shard), unless the number of sink
+    partitions changed since they were written, and then skipping them is what keeps the output
+    exactly once."""
     ledger = ReplayLedger(fmt.revisioned, floors=dict(floors))
-    owner = (SINK_HEADER, transactional_id.encode())
     reader = consumer(
         settings,
         group_id=f"{settings.kafka_consumer_group}.sink-replay",
@@ -838,11 +838,10 @@ def _read_committed_tail(
             return ledger
         rows: list[dict] = []
         for message in read_to_end(reader, topic, starts):
-            if owner in (message.headers() or ()):
-                rows.append(orjson.loads(message.value()))
-                if len(rows) == _READ_BACK_CHUNK:
-                    record(rows)
-                    rows = []
+            rows.append(orjson.loads(message.value()))
+            if len(rows) == _READ_BACK_CHUNK:
+                record(rows)
+                rows = []
         record(rows)
     finally:
         reader.close()

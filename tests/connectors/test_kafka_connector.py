@@ -264,7 +264,8 @@ def test_a_replayed_epoch_already_committed_is_not_written_twice(settings: Setti
     first.write_batch([_events(50, 50)])
     first.snapshot()  # committed in Kafka; the crash comes before this snapshot is persisted
     first.write_batch([_events(100, 50)])  # in the open transaction when the process dies
-    # Another sink partition writes rows that look like the replay's: not this one's to skip.
+    # Another sink partition committed rows of this replay (as after a change in the number of
+    # sink partitions): they are not written twice either.
     other = _sink(settings, topic, f"{unique}.enriched-1", "enriched")
     other.write_batch([_events(100, 10)])
     other.close()
@@ -275,9 +276,7 @@ def test_a_replayed_epoch_already_committed_is_not_written_twice(settings: Setti
 
     records = chaos.read_topic(settings, topic)
     sources = Counter(row["source"] for _, _, row in records)
-    assert sources == Counter(
-        [f"events.raw/0/{i}" for i in range(150)] + [f"events.raw/0/{i}" for i in range(100, 110)]
-    )
+    assert sources == Counter(f"events.raw/0/{i}" for i in range(150))
     written = {row["source"]: row for _, _, row in records}
     assert written["events.raw/0/7"] == as_dicts(_events(7, 1))[0]
     # tail_from moved past the first batches, and lies at or before everything written after the
