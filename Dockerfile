@@ -18,6 +18,20 @@
 # Pin by digest as well when the registry is mirrored: python:3.11.13-slim-bookworm@sha256:...
 ARG PYTHON_IMAGE=python:3.11.13-slim-bookworm
 
+# --- native: the compiled decoder (native/, Rust) as an abi3 wheel for CPython >= 3.11 --------
+# Debian bookworm's python3 is 3.11, what the wheel is built against.
+FROM rust:1.95-bookworm AS native
+
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv \
+ && rm -rf /var/lib/apt/lists/* \
+ && python3 -m venv /opt/maturin \
+ && /opt/maturin/bin/pip install --no-cache-dir 'maturin>=1.7,<2'
+
+WORKDIR /src/native
+COPY native ./
+RUN /opt/maturin/bin/maturin build --release --interpreter python3 --out /wheels
+
 # --- builder: a virtualenv with the package and its runtime dependencies (no test extra) ----
 FROM ${PYTHON_IMAGE} AS builder
 
@@ -42,8 +56,9 @@ COPY dataflows ./dataflows
 COPY operators ./operators
 COPY connectors ./connectors
 COPY recovery ./recovery
-RUN uv pip install --python /opt/venv/bin/python --no-deps . \
- && /opt/venv/bin/python -c "import dataflows.config, dataflows.metrics, bytewax.run"
+COPY --from=native /wheels /wheels
+RUN uv pip install --python /opt/venv/bin/python --no-deps . /wheels/*.whl \
+ && /opt/venv/bin/python -c "import dataflows.config, dataflows.metrics, bytewax.run, pipeline_native"
 
 # --- runtime -------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime

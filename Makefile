@@ -7,7 +7,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install run test test-unit chaos stack-up stack-down stack-status bench clean
 
-install: $(STAMP)
+# The compiled decoder (native/, Rust): built with cargo (rustup's ~/.cargo/bin is searched too)
+# into .cache/native-target, so a rebuild after a change compiles only what changed.
+NATIVE_STAMP := $(VENV)/.native
+NATIVE_SRC := native/Cargo.toml native/pyproject.toml $(wildcard native/src/*.rs)
+CARGO_PATH := $(HOME)/.cargo/bin:$(PATH)
+
+install: $(STAMP) $(NATIVE_STAMP)
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON_BIN) >/dev/null || { echo "need $(PYTHON_BIN) on PATH" >&2; exit 1; }
@@ -15,6 +21,15 @@ $(STAMP): pyproject.toml
 	@$(VENV)/bin/pip install -q --disable-pip-version-check uv
 	@$(VENV)/bin/uv pip install -q --python $(PY) -e '.[test]'
 	@touch $(STAMP)
+
+$(NATIVE_STAMP): $(STAMP) $(NATIVE_SRC)
+	@PATH="$(CARGO_PATH)" command -v cargo >/dev/null || { echo "need cargo (https://rustup.rs) to build native/" >&2; exit 1; }
+	@$(VENV)/bin/uv pip install -q --python $(PY) 'maturin>=1.7,<2'
+	@rm -rf .cache/native-wheels
+	@cd native && PATH="$(CARGO_PATH)" CARGO_TARGET_DIR=../.cache/native-target \
+		../$(VENV)/bin/maturin build --release --quiet --interpreter ../$(PY) --out ../.cache/native-wheels
+	@$(VENV)/bin/uv pip install -q --python $(PY) --reinstall .cache/native-wheels/*.whl
+	@touch $(NATIVE_STAMP)
 
 run: install
 	$(PY) -m bytewax.run dataflows.main

@@ -1,0 +1,708 @@
+//! The compiled fast path of contract validation (`operators/validate.py` is the specification).
+//!
+//! `ContractDecoder.decode` takes a batch of raw record values and returns the rows of the records
+//! it accepts as Arrow-layout column buffers, plus the indices of the records it defers. It accepts
+//! a record only when the Python path would accept it and build exactly the same row; everything
+//! else (invalid JSON, a failed check, a timestamp layout or a number it does not handle) is
+//! deferred, and the Python path decides it, DLQ reason and message included. So this module never
+//! rejects anything itself and has no error messages to keep in step.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyTuple};
+
+mod json;
+use json::Json;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Str,
+    Int,
+    Num,
+    Bool,
+    Obj,
+    Arr,
+    Timestamp,
+}
+
+impl Kind {
+    fn parse(name: &str) -> PyResult<Kind> {
+        Ok(match name {
+            "string" => Kind::Str,
+            "integer" => Kind::Int,
+            "number" => Kind::Num,
+            "boolean" => Kind::Bool,
+            "object" => Kind::Obj,
+            "array" => Kind::Arr,
+            "timestamp" => Kind::Timestamp,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "unknown field type {other:?}"
+                )))
+            }
+        })
+    }
+}
+
+/// The layout of an output column.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ColumnKind {
+    Text,
+    Int32,
+    Millis,
+}
+
+struct Field {
+    name: String,
+    kind: Kind,
+    required: bool,
+    members: Option<Vec<Field>>,
+    slot: Option<usize>, // output column this field fills
+    envelope: bool,      // top-level schema_urn / version: matched when the contract was chosen
+}
+
+/// A value of the row being built; borrowed from the parsed document where it can be.
+enum Cell<'a> {
+    Null,
+    Str(&'a str),
+    Owned(String),
+    Int(i64),
+}
+
+impl Cell<'_> {
+    fn text(&self) -> Option<&str> {
+        match self {
+            Cell::Str(s) => Some(s),
+            Cell::Owned(s) => Some(s.as_str()),
+            _ => None,
+        }
+    }
+}
+
+/// One output column in Arrow's layout: values (text as bytes plus int64 offsets) and validity.
+struct Column {
+    kind: ColumnKind,
+    data: Vec<u8>,     // text bytes, or the little-endian values
+    offsets: Vec<i64>, // text only
+    valid: Vec<bool>,
+}
+
+impl Column {
+    fn new(kind: ColumnKind, capacity: usize) -> Column {
+        let width = match kind {
+            ColumnKind::Text => 24,
+            ColumnKind::Int32 => 4,
+            ColumnKind::Millis => 8,
+        };
+        let mut offsets = Vec::new();
+        if kind == ColumnKind::Text {
+            offsets.reserve(capacity + 1);
+            offsets.push(0);
+        }
+        Column {
+            kind,
+            data: Vec::with_capacity(capacity * width),
+            offsets,
+            valid: Vec::with_capacity(capacity),
+        }
+    }
+
+    /// Appends a cell that `ContractDecoder::fits` admitted for this column.
+    fn push(&mut self, cell: &Cell) {
+        self.valid.push(!matches!(cell, Cell::Null));
+        match self.kind {
+            ColumnKind::Text => {
+                if let Some(text) = cell.text() {
+                    self.data.extend_from_slice(text.as_bytes());
+                }
+                self.offsets.push(self.data.len() as i64);
+            }
+            ColumnKind::Int32 => {
+                let value = if let Cell::Int(v) = cell {
+                    *v as i32
+                } else {
+                    0
+                };
+                self.data.extend_from_slice(&value.to_le_bytes());
+            }
+            ColumnKind::Millis => {
+                let value = if let Cell::Int(v) = cell { *v } else { 0 };
+                self.data.extend_from_slice(&value.to_le_bytes());
+            }
+        }
+    }
+
+    /// (values, offsets or None, validity bitmap or None when every row has a value)
+    fn into_python<'py>(self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        let validity = if self.valid.iter().all(|&v| v) {
+            py.None().into_bound(py)
+        } else {
+            let mut bitmap = vec![0u8; self.valid.len().div_ceil(8)];
+            for (i, _) in self.valid.iter().enumerate().filter(|(_, &v)| v) {
+                bitmap[i / 8] |= 1 << (i % 8);
+            }
+            PyBytes::new(py, &bitmap).into_any()
+        };
+        let offsets = if self.kind == ColumnKind::Text {
+            let bytes: Vec<u8> = self.offsets.iter().flat_map(|o| o.to_le_bytes()).collect();
+            PyBytes::new(py, &bytes).into_any()
+        } else {
+            py.None().into_bound(py)
+        };
+        PyTuple::new(
+            py,
+            [PyBytes::new(py, &self.data).into_any(), offsets, validity],
+        )
+    }
+}
+
+/// One contract: its fields in declared order, each knowing the column it fills.
+struct Contract {
+    fields: Vec<Field>,
+}
+
+#[pyclass(frozen)]
+struct ContractDecoder {
+    contracts: Vec<Contract>,
+    by_urn: HashMap<String, Vec<(i64, usize)>>, // urn → (version, contract)
+    columns: Vec<ColumnKind>,
+    event_id: usize, // column of the event id (seed of a derived correlation id)
+    correlation_id: usize, // column of the correlation id
+    namespace: Vec<u8>, // uuid5 namespace of derived correlation ids
+    max_bytes: usize, // larger records are deferred (the Python path rejects them unread)
+    min_ms: i64,
+    max_ms: i64, // exclusive
+}
+
+/// (schema_urn, version, fields, {column: dotted path of the field that fills it})
+type ContractSpec<'py> = (String, i64, Bound<'py, PyAny>, HashMap<String, String>);
+type FieldSpec<'py> = (String, String, bool, Option<Bound<'py, PyAny>>);
+
+fn build_fields(
+    specs: &Bound<PyAny>,
+    prefix: &str,
+    paths: &HashMap<String, usize>,
+    columns: &[ColumnKind],
+    top: bool,
+) -> PyResult<Vec<Field>> {
+    let mut fields = Vec::new();
+    for spec in specs.try_iter()? {
+        let (name, kind, required, members): FieldSpec = spec?.extract()?;
+        let kind = Kind::parse(&kind)?;
+        let path = format!("{prefix}{name}");
+        let slot = paths.get(&path).copied();
+        let envelope = top && (name == "schema_urn" || name == "version");
+        let members = match members {
+            Some(m) if kind == Kind::Obj => Some(build_fields(
+                &m,
+                &format!("{path}."),
+                paths,
+                columns,
+                false,
+            )?),
+            _ => None,
+        };
+        if let Some(slot) = slot {
+            let fits = match columns[slot] {
+                ColumnKind::Text => {
+                    matches!(kind, Kind::Str | Kind::Obj | Kind::Arr) && members.is_none()
+                }
+                ColumnKind::Int32 => kind == Kind::Int,
+                ColumnKind::Millis => kind == Kind::Timestamp,
+            };
+            if !fits {
+                return Err(PyValueError::new_err(format!(
+                    "field {path:?} cannot fill its column"
+                )));
+            }
+        }
+        if envelope
+            && !matches!(
+                (name.as_str(), kind),
+                ("schema_urn", Kind::Str) | ("version", Kind::Int)
+            )
+        {
+            return Err(PyValueError::new_err(format!(
+                "envelope field {path:?} has an unexpected type"
+            )));
+        }
+        fields.push(Field {
+            name,
+            kind,
+            required,
+            members,
+            slot,
+            envelope,
+        });
+    }
+    Ok(fields)
+}
+
+#[pymethods]
+impl ContractDecoder {
+    /// `columns`: (name, "text" | "int32" | "millis") of the output; `contracts`: (schema_urn,
+    /// version, fields, {column: dotted path}), fields as (name, type, required, members or None).
+    #[new]
+    #[pyo3(signature = (columns, contracts, namespace, max_bytes, min_ms, max_ms))]
+    fn new(
+        columns: Vec<(String, String)>,
+        contracts: Vec<ContractSpec>,
+        namespace: Vec<u8>,
+        max_bytes: usize,
+        min_ms: i64,
+        max_ms: i64,
+    ) -> PyResult<Self> {
+        let mut kinds = Vec::new();
+        let mut index = HashMap::new();
+        for (i, (name, kind)) in columns.iter().enumerate() {
+            kinds.push(match kind.as_str() {
+                "text" => ColumnKind::Text,
+                "int32" => ColumnKind::Int32,
+                "millis" => ColumnKind::Millis,
+                other => {
+                    return Err(PyValueError::new_err(format!(
+                        "unknown column kind {other:?}"
+                    )))
+                }
+            });
+            index.insert(name.clone(), i);
+        }
+        let column = |name: &str| {
+            index
+                .get(name)
+                .copied()
+                .ok_or_else(|| PyValueError::new_err(format!("no column {name:?}")))
+        };
+        let (event_id, correlation_id) = (column("event_id")?, column("correlation_id")?);
+        if kinds[event_id] != ColumnKind::Text || kinds[correlation_id] != ColumnKind::Text {
+            return Err(PyValueError::new_err(
+                "event_id and correlation_id must be text columns",
+            ));
+        }
+        let mut built = Vec::new();
+        let mut by_urn: HashMap<String, Vec<(i64, usize)>> = HashMap::new();
+        for (urn, version, fields, paths) in contracts {
+            let mut slots = HashMap::new();
+            for (col, path) in paths {
+                slots.insert(path, column(&col)?);
+            }
+            let fields = build_fields(&fields, "", &slots, &kinds, true)?;
+            if !fields
+                .iter()
+                .any(|f| f.name == "event_id" && f.slot == Some(event_id))
+            {
+                return Err(PyValueError::new_err(format!(
+                    "{urn} v{version}: no event_id field"
+                )));
+            }
+            by_urn.entry(urn).or_default().push((version, built.len()));
+            built.push(Contract { fields });
+        }
+        Ok(ContractDecoder {
+            contracts: built,
+            by_urn,
+            columns: kinds,
+            event_id,
+            correlation_id,
+            namespace,
+            max_bytes,
+            min_ms,
+            max_ms,
+        })
+    }
+
+    /// `values`: the raw records. Returns (indices of the deferred records, one column per
+    /// output column for the accepted ones, in record order).
+    fn decode<'py>(
+        &self,
+        py: Python<'py>,
+        values: Vec<Bound<'py, PyAny>>,
+    ) -> PyResult<(Vec<usize>, Vec<Bound<'py, PyTuple>>)> {
+        let mut columns: Vec<Column> = self
+            .columns
+            .iter()
+            .map(|&k| Column::new(k, values.len()))
+            .collect();
+        let mut deferred = Vec::new();
+        for (i, value) in values.iter().enumerate() {
+            let document = match value.downcast::<PyBytes>() {
+                Ok(bytes) if bytes.as_bytes().len() <= self.max_bytes => {
+                    Json::parse(bytes.as_bytes())
+                }
+                _ => None,
+            };
+            match document.as_ref().and_then(|d| self.row(d)) {
+                Some(cells) => {
+                    for (column, cell) in columns.iter_mut().zip(&cells) {
+                        column.push(cell);
+                    }
+                }
+                None => deferred.push(i),
+            }
+        }
+        let columns = columns
+            .into_iter()
+            .map(|c| c.into_python(py))
+            .collect::<PyResult<_>>()?;
+        Ok((deferred, columns))
+    }
+}
+
+impl ContractDecoder {
+    /// The row of one parsed record, or None to defer the record.
+    fn row<'a>(&self, document: &'a Json<'a>) -> Option<Vec<Cell<'a>>> {
+        let Json::Obj(members) = document else {
+            return None;
+        };
+        let urn = document.get("schema_urn")?.as_str()?;
+        let version = document.get("version")?.as_i64()?;
+        let &(_, contract) = self.by_urn.get(urn)?.iter().find(|(v, _)| *v == version)?;
+        let mut cells: Vec<Cell> = (0..self.columns.len()).map(|_| Cell::Null).collect();
+        if !self.fields(members, &self.contracts[contract].fields, &mut cells) {
+            return None;
+        }
+        if cells[self.correlation_id].text().is_none_or(str::is_empty) {
+            let seed = cells[self.event_id].text()?;
+            cells[self.correlation_id] = Cell::Owned(uuid5(&self.namespace, seed));
+        }
+        Some(cells)
+    }
+
+    /// Checks `specs` against an object's members as the generated Python fast path does; fills
+    /// their cells.
+    fn fields<'a>(
+        &self,
+        members: &'a [(Cow<'a, str>, Json<'a>)],
+        specs: &[Field],
+        cells: &mut [Cell<'a>],
+    ) -> bool {
+        // each spec's value: the last member of its name, as in a Python dict
+        let mut found: Vec<Option<&'a Json<'a>>> = vec![None; specs.len()];
+        for (key, value) in members {
+            if let Some(i) = specs.iter().position(|spec| spec.name == *key) {
+                found[i] = Some(value);
+            }
+        }
+        for (spec, value) in specs.iter().zip(found) {
+            let Some(value) = value.filter(|v| !matches!(v, Json::Null)) else {
+                if spec.required || spec.envelope {
+                    return false;
+                }
+                continue; // the cells of an absent field (and of its members) stay null
+            };
+            let cell = match (spec.kind, value) {
+                // urn and version equal the contract's: it was chosen by them
+                (_, Json::Str(s)) if spec.envelope => Cell::Str(s),
+                (_, Json::Int(v)) if spec.envelope => Cell::Int(*v),
+                (Kind::Str, Json::Str(s)) => {
+                    if spec.required && s.is_empty() {
+                        return false;
+                    }
+                    Cell::Str(s)
+                }
+                (Kind::Timestamp, Json::Str(s)) => match iso_millis(s) {
+                    Some(ms) => Cell::Int(ms),
+                    None => return false,
+                },
+                (Kind::Timestamp, Json::Int(ms)) => Cell::Int(*ms),
+                (Kind::Int, Json::Int(v)) => Cell::Int(*v),
+                (Kind::Int, Json::UInt(_)) => Cell::Null, // a valid integer, but no column value
+                (Kind::Num, Json::Int(_) | Json::UInt(_) | Json::Float(_))
+                | (Kind::Bool, Json::Bool(_)) => Cell::Null,
+                (Kind::Obj, Json::Obj(inner)) if spec.members.is_some() => {
+                    if !self.fields(inner, spec.members.as_ref().unwrap(), cells) {
+                        return false;
+                    }
+                    continue;
+                }
+                (Kind::Obj, Json::Obj(_)) | (Kind::Arr, Json::Arr(_)) => {
+                    if spec.slot.is_none() {
+                        continue;
+                    }
+                    let mut text = String::new();
+                    if !dump(value, &mut text) {
+                        return false;
+                    }
+                    Cell::Owned(text)
+                }
+                _ => return false,
+            };
+            if spec.kind == Kind::Timestamp {
+                let Cell::Int(ms) = cell else { unreachable!() };
+                if !(self.min_ms..self.max_ms).contains(&ms) {
+                    return false;
+                }
+            }
+            if let Some(slot) = spec.slot {
+                let fits = match (self.columns[slot], &cell) {
+                    (ColumnKind::Text, Cell::Str(_) | Cell::Owned(_)) => true,
+                    (ColumnKind::Int32, Cell::Int(v)) => i32::try_from(*v).is_ok(),
+                    (ColumnKind::Millis, Cell::Int(_)) => true,
+                    _ => false,
+                };
+                if !fits {
+                    return false;
+                }
+                cells[slot] = cell;
+            }
+        }
+        true
+    }
+}
+
+/// Compact JSON as `orjson.dumps` writes the value `orjson.loads` gives (false: not expressible).
+fn dump(value: &Json, out: &mut String) -> bool {
+    match value {
+        Json::Null => out.push_str("null"),
+        Json::Bool(true) => out.push_str("true"),
+        Json::Bool(false) => out.push_str("false"),
+        Json::Int(v) => out.push_str(&v.to_string()),
+        Json::UInt(v) => out.push_str(&v.to_string()),
+        // serde_json reads `-0` as the float -0.0, orjson as the integer 0: ambiguous
+        Json::Float(f) if *f == 0.0 && f.is_sign_negative() => return false,
+        Json::Float(f) => push_float(*f, out),
+        Json::Str(s) => escape(s, out),
+        Json::Arr(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                if !dump(item, out) {
+                    return false;
+                }
+            }
+            out.push(']');
+        }
+        Json::Obj(members) => {
+            // a repeated key keeps its first place and its last value in Python: left to it
+            for (i, (key, _)) in members.iter().enumerate() {
+                if members[..i].iter().any(|(k, _)| k == key) {
+                    return false;
+                }
+            }
+            out.push('{');
+            for (i, (key, item)) in members.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                escape(key, out);
+                out.push(':');
+                if !dump(item, out) {
+                    return false;
+                }
+            }
+            out.push('}');
+        }
+    }
+    true
+}
+
+/// A float as orjson writes it: the shortest digits that read back as the same float, laid out
+/// as Python's `repr` does (plain from 1e-5, not 1e-4, up to 1e16, else with an exponent), but the
+/// exponent has no leading zero (`1e-7`, `1e+16`).
+fn push_float(f: f64, out: &mut String) {
+    // ryu gives the shortest digits that read back as `f` and, of those, the closest (Rust's own
+    // formatting does not always pick the closest); only its layout is redone here.
+    let mut buffer = ryu::Buffer::new();
+    let text = buffer.format_finite(f.abs());
+    let (mantissa, shift) = match text.split_once('e') {
+        Some((m, e)) => (m, e.parse::<i32>().unwrap()),
+        None => (text, 0),
+    };
+    let (whole, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let all = format!("{whole}{fraction}");
+    let leading = all.len() - all.trim_start_matches('0').len();
+    let digits = all[leading..].trim_end_matches('0');
+    let digits = if digits.is_empty() { "0" } else { digits };
+    // `f` = 0.d1d2… × 10^(whole digits + shift − leading zeros); in d1.d2… form, one less
+    let exponent = if digits == "0" {
+        0
+    } else {
+        whole.len() as i32 + shift - leading as i32 - 1
+    };
+    if f.is_sign_negative() {
+        out.push('-');
+    }
+    if (-5..16).contains(&exponent) {
+        let point = exponent + 1; // digits before the decimal point
+        if point <= 0 {
+            out.push_str("0.");
+            out.extend(std::iter::repeat_n('0', (-point) as usize));
+            out.push_str(digits);
+        } else if point as usize >= digits.len() {
+            out.push_str(digits);
+            out.extend(std::iter::repeat_n('0', point as usize - digits.len()));
+            out.push_str(".0");
+        } else {
+            out.push_str(&digits[..point as usize]);
+            out.push('.');
+            out.push_str(&digits[point as usize..]);
+        }
+    } else {
+        out.push_str(&digits[..1]);
+        if digits.len() > 1 {
+            out.push('.');
+            out.push_str(&digits[1..]);
+        }
+        out.push('e');
+        out.push(if exponent < 0 { '-' } else { '+' });
+        out.push_str(&exponent.abs().to_string());
+    }
+}
+
+fn escape(s: &str, out: &mut String) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.push('"');
+    let mut start = 0;
+    for (i, b) in s.bytes().enumerate() {
+        let replacement: &str = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0x08 => "\\b",
+            0x0c => "\\f",
+            0..=0x1f => "",
+            _ => continue,
+        };
+        out.push_str(&s[start..i]);
+        if replacement.is_empty() {
+            out.push_str("\\u00");
+            out.push(HEX[(b >> 4) as usize] as char);
+            out.push(HEX[(b & 0xf) as usize] as char);
+        } else {
+            out.push_str(replacement);
+        }
+        start = i + 1;
+    }
+    out.push_str(&s[start..]);
+    out.push('"');
+}
+
+/// uuid5(namespace, seed) as text, as `uuid.uuid5` formats it.
+fn uuid5(namespace: &[u8], seed: &str) -> String {
+    let mut hasher = sha1_smol::Sha1::new();
+    hasher.update(namespace);
+    hasher.update(seed.as_bytes());
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&hasher.digest().bytes()[..16]);
+    bytes[6] = (bytes[6] & 0x0f) | 0x50;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut text = String::with_capacity(36);
+    for (i, b) in bytes.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            text.push('-');
+        }
+        text.push(HEX[(b >> 4) as usize] as char);
+        text.push(HEX[(b & 0xf) as usize] as char);
+    }
+    text
+}
+
+fn digits(b: &[u8]) -> Option<i64> {
+    let mut n = 0i64;
+    for &c in b {
+        if !c.is_ascii_digit() {
+            return None;
+        }
+        n = n * 10 + (c - b'0') as i64;
+    }
+    Some(n)
+}
+
+/// Days from 1970-01-01 to a proleptic Gregorian date.
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146097 + doe - 719468
+}
+
+/// Epoch milliseconds of `YYYY-MM-DDTHH:MM:SS[.f…]` followed by `Z`, `±HH:MM` or `±HHMM`, as
+/// `(datetime.fromisoformat(s) - epoch) // 1 ms` computes them (fractions beyond microseconds
+/// truncated). None for every other text, valid ISO-8601 included: the Python path parses it.
+fn iso_millis(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || b[10] != b'T'
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return None;
+    }
+    let (year, month, day) = (digits(&b[0..4])?, digits(&b[5..7])?, digits(&b[8..10])?);
+    let (hour, minute, second) = (
+        digits(&b[11..13])?,
+        digits(&b[14..16])?,
+        digits(&b[17..19])?,
+    );
+    let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+    let month_days = [
+        31,
+        if leap { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
+    if year < 1 || !(1..=12).contains(&month) || day < 1 || day > month_days[(month - 1) as usize] {
+        return None;
+    }
+    if hour > 23 || minute > 59 || second > 59 {
+        return None;
+    }
+    let mut i = 19;
+    let mut micros = 0i64;
+    if b[i] == b'.' {
+        let start = i + 1;
+        let end = start + b[start..].iter().take_while(|c| c.is_ascii_digit()).count();
+        if end == start || end - start > 9 {
+            return None;
+        }
+        let kept = &b[start..end.min(start + 6)];
+        micros = digits(kept)? * 10i64.pow(6 - kept.len() as u32);
+        i = end;
+    }
+    let offset_s = match &b[i..] {
+        [b'Z'] => 0,
+        [sign @ (b'+' | b'-'), h1, h2, b':', m1, m2] | [sign @ (b'+' | b'-'), h1, h2, m1, m2] => {
+            let (h, m) = (digits(&[*h1, *h2])?, digits(&[*m1, *m2])?);
+            if h > 23 || m > 59 {
+                return None;
+            }
+            let offset = h * 3600 + m * 60;
+            if *sign == b'-' {
+                -offset
+            } else {
+                offset
+            }
+        }
+        _ => return None,
+    };
+    let seconds =
+        days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second - offset_s;
+    Some((seconds * 1_000_000 + micros).div_euclid(1000))
+}
+
+#[pymodule]
+fn pipeline_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<ContractDecoder>()?;
+    Ok(())
+}
