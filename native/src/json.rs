@@ -126,3 +126,71 @@ impl<'de> Visitor<'de> for KeyVisitor {
         Ok(Key(Cow::Owned(v.to_owned())))
     }
 }
+
+/// A float as orjson writes it: ryu's shortest round-trip digits and layout (plain from 1e-5 up to
+/// 1e16, else with an exponent), with a `+` in positive exponents (`1e+16`, `1e-7`).
+pub fn push_float(f: f64, out: &mut Vec<u8>) {
+    let mut buffer = ryu::Buffer::new();
+    let text = buffer.format_finite(f).as_bytes();
+    match text.iter().position(|&c| c == b'e') {
+        Some(e) if text[e + 1] != b'-' => {
+            out.extend_from_slice(&text[..=e]);
+            out.push(b'+');
+            out.extend_from_slice(&text[e + 1..]);
+        }
+        _ => out.extend_from_slice(text),
+    }
+}
+
+/// Bytes that JSON text must escape: `"`, `\\` and the control characters.
+const fn escaped_bytes() -> [bool; 256] {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 0x20 {
+        table[b] = true;
+        b += 1;
+    }
+    table[b'"' as usize] = true;
+    table[b'\\' as usize] = true;
+    table
+}
+
+static ESCAPED: [bool; 256] = escaped_bytes();
+
+/// Whether any byte of `text` would be escaped.
+pub fn needs_escape(text: &[u8]) -> bool {
+    text.iter().any(|&b| ESCAPED[b as usize])
+}
+
+/// UTF-8 `text` as a JSON string, escaped as orjson does (`\\n` and friends, else `\\u00xx`;
+/// nothing else).
+pub fn escape(text: &[u8], out: &mut Vec<u8>) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.push(b'"');
+    let mut start = 0;
+    while let Some(at) = text[start..].iter().position(|&b| ESCAPED[b as usize]) {
+        let i = start + at;
+        out.extend_from_slice(&text[start..i]);
+        let b = text[i];
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            0x08 => out.extend_from_slice(b"\\b"),
+            0x0c => out.extend_from_slice(b"\\f"),
+            _ => out.extend_from_slice(&[
+                b'\\',
+                b'u',
+                b'0',
+                b'0',
+                HEX[(b >> 4) as usize],
+                HEX[(b & 0xf) as usize],
+            ]),
+        }
+        start = i + 1;
+    }
+    out.extend_from_slice(&text[start..]);
+    out.push(b'"');
+}

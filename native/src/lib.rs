@@ -1,4 +1,6 @@
-//! The compiled fast path of contract validation (`operators/validate.py` is the specification).
+//! Compiled hot paths of the pipeline, each with a Python specification it is tested against:
+//! contract validation (`operators/validate.py`, here) and the Kafka sink's JSON values
+//! (`connectors/kafka.py`, in `encode`).
 //!
 //! `ContractDecoder.decode` takes a batch of raw record values and returns the rows of the records
 //! it accepts as Arrow-layout column buffers, plus the indices of the records it defers. It accepts
@@ -14,8 +16,9 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
 
+mod encode;
 mod json;
-use json::Json;
+use json::{escape, push_float, Json};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -422,11 +425,12 @@ impl ContractDecoder {
                     if spec.slot.is_none() {
                         continue;
                     }
-                    let mut text = String::new();
+                    let mut text = Vec::new();
                     if !dump(value, &mut text) {
                         return false;
                     }
-                    Cell::Owned(text)
+                    // parts of valid strings and ASCII: valid UTF-8
+                    Cell::Owned(String::from_utf8(text).expect("JSON text is UTF-8"))
                 }
                 _ => return false,
             };
@@ -454,28 +458,28 @@ impl ContractDecoder {
 }
 
 /// Compact JSON as `orjson.dumps` writes the value `orjson.loads` gives (false: not expressible).
-fn dump(value: &Json, out: &mut String) -> bool {
+fn dump(value: &Json, out: &mut Vec<u8>) -> bool {
     match value {
-        Json::Null => out.push_str("null"),
-        Json::Bool(true) => out.push_str("true"),
-        Json::Bool(false) => out.push_str("false"),
-        Json::Int(v) => out.push_str(&v.to_string()),
-        Json::UInt(v) => out.push_str(&v.to_string()),
+        Json::Null => out.extend_from_slice(b"null"),
+        Json::Bool(true) => out.extend_from_slice(b"true"),
+        Json::Bool(false) => out.extend_from_slice(b"false"),
+        Json::Int(v) => out.extend_from_slice(v.to_string().as_bytes()),
+        Json::UInt(v) => out.extend_from_slice(v.to_string().as_bytes()),
         // serde_json reads `-0` as the float -0.0, orjson as the integer 0: ambiguous
         Json::Float(f) if *f == 0.0 && f.is_sign_negative() => return false,
         Json::Float(f) => push_float(*f, out),
-        Json::Str(s) => escape(s, out),
+        Json::Str(s) => escape(s.as_bytes(), out),
         Json::Arr(items) => {
-            out.push('[');
+            out.push(b'[');
             for (i, item) in items.iter().enumerate() {
                 if i > 0 {
-                    out.push(',');
+                    out.push(b',');
                 }
                 if !dump(item, out) {
                     return false;
                 }
             }
-            out.push(']');
+            out.push(b']');
         }
         Json::Obj(members) => {
             // a repeated key keeps its first place and its last value in Python: left to it
@@ -484,104 +488,21 @@ fn dump(value: &Json, out: &mut String) -> bool {
                     return false;
                 }
             }
-            out.push('{');
+            out.push(b'{');
             for (i, (key, item)) in members.iter().enumerate() {
                 if i > 0 {
-                    out.push(',');
+                    out.push(b',');
                 }
-                escape(key, out);
-                out.push(':');
+                escape(key.as_bytes(), out);
+                out.push(b':');
                 if !dump(item, out) {
                     return false;
                 }
             }
-            out.push('}');
+            out.push(b'}');
         }
     }
     true
-}
-
-/// A float as orjson writes it: the shortest digits that read back as the same float, laid out
-/// as Python's `repr` does (plain from 1e-5, not 1e-4, up to 1e16, else with an exponent), but the
-/// exponent has no leading zero (`1e-7`, `1e+16`).
-fn push_float(f: f64, out: &mut String) {
-    // ryu gives the shortest digits that read back as `f` and, of those, the closest (Rust's own
-    // formatting does not always pick the closest); only its layout is redone here.
-    let mut buffer = ryu::Buffer::new();
-    let text = buffer.format_finite(f.abs());
-    let (mantissa, shift) = match text.split_once('e') {
-        Some((m, e)) => (m, e.parse::<i32>().unwrap()),
-        None => (text, 0),
-    };
-    let (whole, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
-    let all = format!("{whole}{fraction}");
-    let leading = all.len() - all.trim_start_matches('0').len();
-    let digits = all[leading..].trim_end_matches('0');
-    let digits = if digits.is_empty() { "0" } else { digits };
-    // `f` = 0.d1d2… × 10^(whole digits + shift − leading zeros); in d1.d2… form, one less
-    let exponent = if digits == "0" {
-        0
-    } else {
-        whole.len() as i32 + shift - leading as i32 - 1
-    };
-    if f.is_sign_negative() {
-        out.push('-');
-    }
-    if (-5..16).contains(&exponent) {
-        let point = exponent + 1; // digits before the decimal point
-        if point <= 0 {
-            out.push_str("0.");
-            out.extend(std::iter::repeat_n('0', (-point) as usize));
-            out.push_str(digits);
-        } else if point as usize >= digits.len() {
-            out.push_str(digits);
-            out.extend(std::iter::repeat_n('0', point as usize - digits.len()));
-            out.push_str(".0");
-        } else {
-            out.push_str(&digits[..point as usize]);
-            out.push('.');
-            out.push_str(&digits[point as usize..]);
-        }
-    } else {
-        out.push_str(&digits[..1]);
-        if digits.len() > 1 {
-            out.push('.');
-            out.push_str(&digits[1..]);
-        }
-        out.push('e');
-        out.push(if exponent < 0 { '-' } else { '+' });
-        out.push_str(&exponent.abs().to_string());
-    }
-}
-
-fn escape(s: &str, out: &mut String) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    out.push('"');
-    let mut start = 0;
-    for (i, b) in s.bytes().enumerate() {
-        let replacement: &str = match b {
-            b'"' => "\\\"",
-            b'\\' => "\\\\",
-            b'\n' => "\\n",
-            b'\r' => "\\r",
-            b'\t' => "\\t",
-            0x08 => "\\b",
-            0x0c => "\\f",
-            0..=0x1f => "",
-            _ => continue,
-        };
-        out.push_str(&s[start..i]);
-        if replacement.is_empty() {
-            out.push_str("\\u00");
-            out.push(HEX[(b >> 4) as usize] as char);
-            out.push(HEX[(b & 0xf) as usize] as char);
-        } else {
-            out.push_str(replacement);
-        }
-        start = i + 1;
-    }
-    out.push_str(&s[start..]);
-    out.push('"');
 }
 
 /// uuid5(namespace, seed) as text, as `uuid.uuid5` formats it.
@@ -704,5 +625,6 @@ fn iso_millis(s: &str) -> Option<i64> {
 #[pymodule]
 fn pipeline_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ContractDecoder>()?;
+    m.add_function(wrap_pyfunction!(encode::json_rows, m)?)?;
     Ok(())
 }

@@ -1,0 +1,263 @@
+//! The Kafka sink's record values: each row of a frame as compact JSON, byte for byte what
+//! `orjson.dumps` writes for the row's `as_dicts` dict (`connectors/kafka.py` is the
+//! specification): datetimes (UTC or naive) as `YYYY-MM-DDTHH:MM:SS.mmmZ`, float32 widened to
+//! float64, NaN and infinities as null.
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+use crate::json::{escape, needs_escape, push_float};
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Text,
+    Int(usize, bool), // width in bytes, signed
+    Float32,
+    Float64,
+    Bool,
+    Timestamp(i64), // UTC or naive, in units of 1/n s: written as ISO text with milliseconds
+    Null,
+}
+
+impl Kind {
+    fn parse(name: &str) -> PyResult<Kind> {
+        Ok(match name {
+            "large_string" => Kind::Text,
+            "int8" => Kind::Int(1, true),
+            "int16" => Kind::Int(2, true),
+            "int32" => Kind::Int(4, true),
+            "int64" => Kind::Int(8, true),
+            "uint8" => Kind::Int(1, false),
+            "uint16" => Kind::Int(2, false),
+            "uint32" => Kind::Int(4, false),
+            "uint64" => Kind::Int(8, false),
+            "float" => Kind::Float32,
+            "double" => Kind::Float64,
+            "bool" => Kind::Bool,
+            "null" => Kind::Null,
+            other => {
+                let unit = other
+                    .strip_prefix("timestamp[")
+                    .and_then(|t| t.strip_suffix(", tz=UTC]").or_else(|| t.strip_suffix("]")));
+                match unit {
+                    Some("ms") => Kind::Timestamp(1_000),
+                    Some("us") => Kind::Timestamp(1_000_000),
+                    Some("ns") => Kind::Timestamp(1_000_000_000),
+                    _ => return Err(PyValueError::new_err(format!("unsupported type {other}"))),
+                }
+            }
+        })
+    }
+
+    /// Bytes per value in the values buffer (0: bit-packed or variable).
+    fn width(self) -> usize {
+        match self {
+            Kind::Int(width, _) => width,
+            Kind::Float32 => 4,
+            Kind::Float64 | Kind::Timestamp(_) => 8,
+            Kind::Text | Kind::Bool | Kind::Null => 0,
+        }
+    }
+}
+
+/// An Arrow buffer by address and size, as pyarrow's `Buffer.address` / `.size` give it.
+type RawBuffer = Option<(usize, usize)>;
+
+struct Column<'a> {
+    key: Vec<u8>, // `"name":`
+    kind: Kind,
+    offset: usize, // of the array into its buffers
+    validity: Option<&'a [u8]>,
+    offsets: &'a [u8], // text: int64 offsets into `data`
+    data: &'a [u8],
+    plain: bool, // text: no value needs escaping (checked once over the whole column)
+}
+
+fn bit(bits: &[u8], i: usize) -> bool {
+    bits[i / 8] & (1 << (i % 8)) != 0
+}
+
+fn le<const N: usize>(data: &[u8], i: usize) -> [u8; N] {
+    data[i * N..(i + 1) * N].try_into().unwrap()
+}
+
+impl Column<'_> {
+    fn write(&self, row: usize, out: &mut Vec<u8>) -> PyResult<()> {
+        let i = self.offset + row;
+        if self.kind == Kind::Null || self.validity.is_some_and(|v| !bit(v, i)) {
+            out.extend_from_slice(b"null");
+            return Ok(());
+        }
+        match self.kind {
+            Kind::Text => {
+                let start = i64::from_le_bytes(le(self.offsets, i)) as usize;
+                let end = i64::from_le_bytes(le(self.offsets, i + 1)) as usize;
+                let text = &self.data[start..end];
+                if self.plain {
+                    out.push(b'"');
+                    out.extend_from_slice(text);
+                    out.push(b'"');
+                } else {
+                    escape(text, out);
+                }
+            }
+            Kind::Int(1, true) => int(i8::from_le_bytes(le(self.data, i)), out),
+            Kind::Int(2, true) => int(i16::from_le_bytes(le(self.data, i)), out),
+            Kind::Int(4, true) => int(i32::from_le_bytes(le(self.data, i)), out),
+            Kind::Int(8, true) => int(i64::from_le_bytes(le(self.data, i)), out),
+            Kind::Int(1, false) => int(self.data[i], out),
+            Kind::Int(2, false) => int(u16::from_le_bytes(le(self.data, i)), out),
+            Kind::Int(4, false) => int(u32::from_le_bytes(le(self.data, i)), out),
+            Kind::Int(_, _) => int(u64::from_le_bytes(le(self.data, i)), out),
+            Kind::Float32 => float(f32::from_le_bytes(le(self.data, i)) as f64, out),
+            Kind::Float64 => float(f64::from_le_bytes(le(self.data, i)), out),
+            Kind::Bool => out.extend_from_slice(if bit(self.data, i) { b"true" } else { b"false" }),
+            Kind::Timestamp(per_second) => {
+                let ms = i64::from_le_bytes(le(self.data, i)).div_euclid(per_second / 1000);
+                iso_millis(ms, out)?
+            }
+            Kind::Null => unreachable!(),
+        }
+        Ok(())
+    }
+}
+
+fn int(value: impl itoa::Integer, out: &mut Vec<u8>) {
+    out.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
+}
+
+fn float(f: f64, out: &mut Vec<u8>) {
+    if f.is_finite() {
+        push_float(f, out);
+    } else {
+        out.extend_from_slice(b"null"); // as orjson writes NaN and infinities
+    }
+}
+
+/// `ms` as `%Y-%m-%dT%H:%M:%S%.3fZ`; years 0 to 9999 only (polars writes others differently).
+fn iso_millis(ms: i64, out: &mut Vec<u8>) -> PyResult<()> {
+    let days = ms.div_euclid(86_400_000);
+    let in_day = ms.rem_euclid(86_400_000);
+    // civil_from_days (Howard Hinnant)
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    if !(0..=9999).contains(&year) {
+        return Err(PyValueError::new_err(format!(
+            "timestamp {ms} ms is outside years 0-9999"
+        )));
+    }
+    let mut text = *b"\"0000-00-00T00:00:00.000Z\"";
+    let fields = [
+        (1, 4, year),
+        (6, 2, month),
+        (9, 2, day),
+        (12, 2, in_day / 3_600_000),
+        (15, 2, in_day / 60_000 % 60),
+        (18, 2, in_day / 1000 % 60),
+        (21, 3, in_day % 1000),
+    ];
+    for (at, width, mut value) in fields {
+        for position in (at..at + width).rev() {
+            text[position] = b'0' + (value % 10) as u8;
+            value /= 10;
+        }
+    }
+    out.extend_from_slice(&text);
+    Ok(())
+}
+
+fn buffer<'a>(raw: RawBuffer, needed: usize, what: &str) -> PyResult<&'a [u8]> {
+    let Some((address, size)) = raw else {
+        return Err(PyValueError::new_err(format!("{what}: buffer missing")));
+    };
+    if size < needed {
+        return Err(PyValueError::new_err(format!(
+            "{what}: buffer of {size} bytes, need {needed}"
+        )));
+    }
+    if size == 0 {
+        return Ok(&[]);
+    }
+    // SAFETY: the caller passes the addresses of live pyarrow buffers of at least `size` bytes
+    // and keeps their table alive for the duration of this call.
+    Ok(unsafe { std::slice::from_raw_parts(address as *const u8, size) })
+}
+
+/// `length` rows of `columns` — (name, Arrow type name, array offset, buffers as pyarrow lists
+/// them) — as one JSON object each.
+#[pyfunction]
+pub fn json_rows<'py>(
+    py: Python<'py>,
+    length: usize,
+    columns: Vec<(String, String, usize, Vec<RawBuffer>)>,
+) -> PyResult<Vec<Bound<'py, PyBytes>>> {
+    let mut parsed = Vec::with_capacity(columns.len());
+    for (i, (name, type_name, offset, buffers)) in columns.into_iter().enumerate() {
+        let kind = Kind::parse(&type_name)?;
+        let end = offset + length;
+        let mut key = Vec::from(if i == 0 { "{" } else { "," });
+        escape(name.as_bytes(), &mut key);
+        key.push(b':');
+        let validity = match buffers.first() {
+            Some(Some(_)) if kind != Kind::Null => {
+                Some(buffer(buffers[0], end.div_ceil(8), &name)?)
+            }
+            _ => None,
+        };
+        let (offsets, data) = match kind {
+            Kind::Null => (&[][..], &[][..]),
+            Kind::Text => {
+                let offsets = buffer(*buffers.get(1).unwrap_or(&None), (end + 1) * 8, &name)?;
+                let last = i64::from_le_bytes(le(offsets, end)) as usize;
+                (
+                    offsets,
+                    buffer(*buffers.get(2).unwrap_or(&None), last, &name)?,
+                )
+            }
+            Kind::Bool => (
+                &[][..],
+                buffer(*buffers.get(1).unwrap_or(&None), end.div_ceil(8), &name)?,
+            ),
+            _ => (
+                &[][..],
+                buffer(*buffers.get(1).unwrap_or(&None), end * kind.width(), &name)?,
+            ),
+        };
+        // Arrow text is UTF-8 (pyarrow and polars check it); the values of this array lie
+        // between its first and last offset
+        let plain = kind != Kind::Text || {
+            let first = i64::from_le_bytes(le(offsets, offset)) as usize;
+            let last = i64::from_le_bytes(le(offsets, end)) as usize;
+            !needs_escape(&data[first..last])
+        };
+        parsed.push(Column {
+            key,
+            kind,
+            offset,
+            validity,
+            offsets,
+            data,
+            plain,
+        });
+    }
+    let mut rows = Vec::with_capacity(length);
+    let mut out = Vec::with_capacity(1024);
+    for row in 0..length {
+        out.clear();
+        for column in &parsed {
+            out.extend_from_slice(&column.key);
+            column.write(row, &mut out)?;
+        }
+        out.extend_from_slice(if parsed.is_empty() { b"{}" } else { b"}" });
+        rows.push(PyBytes::new(py, &out));
+    }
+    Ok(rows)
+}
