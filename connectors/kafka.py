@@ -35,7 +35,7 @@ from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
 from connectors.base import TransientSinkError, oldest_ingested_at
 from dataflows import metrics
 from dataflows.config import Settings
-from operators.model import ISO_MS_FORMAT, RawBatch, RawRecord, as_dicts
+from operators.model import ISO_MS_FORMAT, PolledRecords, RawBatch, as_dicts
 
 try:  # the compiled encoder (native/, built by `make install`); see `_json_values`
     from pipeline_native import json_rows as _native_json_rows
@@ -206,35 +206,38 @@ class _KafkaPartition(StatefulSourcePartition[RawBatch, int]):
         if self._ended:
             raise StopIteration
         messages = self._consumer.consume(self._batch_size, 0.001)
-        records = []
-        for message in messages:
-            error = message.error()
-            if error is not None:
-                if error.code() == KafkaError._PARTITION_EOF:
-                    self._ended = self._stop_at_end
-                    continue
-                if error.fatal():
-                    raise KafkaException(error)
-                logger.warning("kafka source %s: %s", self._label, error)
-                continue
-            offset = message.offset()
-            _, stamp = message.timestamp()
-            records.append(
-                RawRecord(
-                    message.value() or b"",
-                    f"{self._label}/{offset}",
-                    stamp / 1000 if stamp > 0 else time.time(),
-                )
-            )
-            self._next_offset = offset + 1
-        if not records and self._announced:
+        polled = [message for message in messages if message.error() is None]
+        if len(polled) < len(messages):
+            self._errors(messages)
+        if polled:
+            offsets = [message.offset() for message in polled]
+            stamps = [message.timestamp()[1] for message in polled]
+            if min(stamps) <= 0:  # no broker timestamp: when it was read
+                now = round(time.time() * 1000)
+                stamps = [stamp if stamp > 0 else now for stamp in stamps]
+            values = [message.value() or b"" for message in polled]
+            records = PolledRecords(self._label, values, offsets, stamps)
+            self._next_offset = offsets[-1] + 1
+        if not polled and self._announced:
             self._idle_until = time.monotonic() + _IDLE_POLL_S
             if self._idle_until - self._lag_reported_at >= _IDLE_LAG_REPORT_S:
                 self._report_lag()
             return []
         self._report_lag()
         self._announced = True
-        return [RawBatch(self._label, records)]
+        return [RawBatch(self._label, records if polled else [])]
+
+    def _errors(self, messages: list) -> None:
+        for message in messages:
+            error = message.error()
+            if error is None:
+                continue
+            if error.code() == KafkaError._PARTITION_EOF:
+                self._ended = self._stop_at_end
+                continue
+            if error.fatal():
+                raise KafkaException(error)
+            logger.warning("kafka source %s: %s", self._label, error)
 
     def _report_lag(self) -> None:
         """`pipeline_consumer_lag` of this partition; from cached watermarks, no broker call."""

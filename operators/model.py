@@ -8,6 +8,7 @@ small. Only the DLQ travels as a list of dicts (it is rare and irregular by natu
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -40,12 +41,39 @@ class RawRecord:
     ingested_at: float  # epoch seconds at which the pipeline read it
 
 
+class PolledRecords(Sequence[RawRecord]):
+    """The records of one poll of a Kafka topic partition, as columns.
+
+    Validation reads the values and builds the `source`/`ingested_at` columns from these columns
+    directly; indexing builds the `RawRecord` (for the records the Python path looks at).
+    """
+
+    __slots__ = ("ingested_ms", "label", "offsets", "values")
+
+    def __init__(self, label: str, values: list[bytes], offsets: list[int], ingested_ms: list[int]):
+        self.label = label  # "topic/partition": a record's source is "<label>/<offset>"
+        self.values = values
+        self.offsets = offsets
+        self.ingested_ms = ingested_ms  # epoch milliseconds at which the pipeline read each
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __getitem__(self, i: int) -> RawRecord:  # type: ignore[override] - no slices
+        return RawRecord(
+            self.values[i], f"{self.label}/{self.offsets[i]}", self.ingested_ms[i] / 1000
+        )
+
+    def __iter__(self) -> Iterator[RawRecord]:
+        return map(self.__getitem__, range(len(self.values)))
+
+
 @dataclass(slots=True)
 class RawBatch:
     """What one source partition hands over per poll."""
 
     partition: str
-    records: list[RawRecord]
+    records: Sequence[RawRecord]  # a list, or the columns of a Kafka poll
 
 
 @dataclass(slots=True)

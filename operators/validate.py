@@ -54,7 +54,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
@@ -69,6 +69,7 @@ from operators.model import (
     EVENT_SCHEMA,
     DlqReason,
     EventBatch,
+    PolledRecords,
     RawBatch,
     RawRecord,
     derive_correlation_id,
@@ -494,7 +495,7 @@ def decode_record(record: RawRecord, registry: ContractRegistry | None = None) -
 
 
 def _decode_rows(
-    records: list[RawRecord], registry: ContractRegistry
+    records: Sequence[RawRecord], registry: ContractRegistry
 ) -> tuple[list[tuple], list[int], list[dict]]:
     """The Python path over `records`: the rows of the valid ones, their positions in `records`,
     and the DLQ records of the others."""
@@ -584,17 +585,16 @@ def decode_batch(batch: RawBatch, registry: ContractRegistry | None = None) -> E
     if native is None:
         rows, _, dlq = _decode_rows(records, registry)
         return EventBatch(partition=batch.partition, events=_rows_frame(rows), dlq=dlq)
-    deferred, columns = native.decode([record.value for record in records])
+    values = records.values if isinstance(records, PolledRecords) else [r.value for r in records]
+    deferred, columns = native.decode(values)
     if not deferred:
         return EventBatch(batch.partition, _native_frame(columns, records), [])
-    others = [records[i] for i in deferred]
-    rows, positions, dlq = _decode_rows(others, registry)
+    rows, positions, dlq = _decode_rows([records[i] for i in deferred], registry)
     deferred_set = set(deferred)
-    accepted = [record for i, record in enumerate(records) if i not in deferred_set]
-    events = _native_frame(columns, accepted)
+    accepted = [i for i in range(len(records)) if i not in deferred_set]
+    events = _native_frame(columns, records, accepted)
     if rows:  # rare: records only the Python path accepts; merged back into record order
-        order = [i for i in range(len(records)) if i not in deferred_set]
-        order += [deferred[p] for p in positions]
+        order = accepted + [deferred[p] for p in positions]
         events = (
             pl.concat([events, _rows_frame(rows)])
             .with_columns(pl.Series("_order", order, pl.UInt32))
@@ -646,9 +646,11 @@ def _native_decoder(registry: ContractRegistry):
     )
 
 
-def _native_frame(columns: list[tuple], records: list[RawRecord]) -> pl.DataFrame:
-    """The frame of the compiled decoder's columns; `records` are the accepted records."""
-    n = len(records)
+def _native_frame(
+    columns: list[tuple], records: Sequence[RawRecord], accepted: list[int] | None = None
+) -> pl.DataFrame:
+    """The frame of the compiled decoder's columns for `records` (those at `accepted`: all)."""
+    n = len(records) if accepted is None else len(accepted)
     arrays = []
     for name, (data, offsets, validity) in zip(_NATIVE_COLUMNS, columns, strict=True):
         kind = _NATIVE_KINDS[EVENT_SCHEMA[name].base_type()]
@@ -658,13 +660,22 @@ def _native_frame(columns: list[tuple], records: list[RawRecord]) -> pl.DataFram
         buffers.append(pa.py_buffer(data))
         arrays.append(pa.Array.from_buffers(_ARROW_TYPES[kind], n, buffers))
     frame = pl.from_arrow(pa.Table.from_arrays(arrays, names=list(_NATIVE_COLUMNS)))
-    ingested, last, ms = [], None, 0
-    for record in records:
-        if record.ingested_at != last:
-            last = record.ingested_at
-            ms = round(last * 1000)
-        ingested.append(ms)
+    if isinstance(records, PolledRecords):
+        offsets = pl.Series(records.offsets, dtype=pl.Int64)
+        ingested = pl.Series(records.ingested_ms, dtype=pl.Int64)
+        if accepted is not None:
+            offsets, ingested = offsets.gather(accepted), ingested.gather(accepted)
+        source = pl.lit(records.label + "/") + offsets.cast(pl.String)
+    else:
+        chosen = records if accepted is None else [records[i] for i in accepted]
+        ingested, last, ms = [], None, 0
+        for record in chosen:
+            if record.ingested_at != last:
+                last = record.ingested_at
+                ms = round(last * 1000)
+            ingested.append(ms)
+        ingested = pl.Series(ingested, dtype=pl.Int64)
+        source = pl.Series([record.source for record in chosen], dtype=pl.String)
     return frame.with_columns(
-        pl.Series("ingested_at", ingested, pl.Int64).cast(EVENT_SCHEMA["ingested_at"]),
-        pl.Series("source", [record.source for record in records], pl.String),
+        ingested.cast(EVENT_SCHEMA["ingested_at"]).alias("ingested_at"), source.alias("source")
     ).select(EVENT_COLUMNS)

@@ -14,7 +14,7 @@ import pytest
 from bench.workload import generate
 from operators import validate
 from operators.contracts import default_registry
-from operators.model import RawBatch, RawRecord
+from operators.model import PolledRecords, RawBatch, RawRecord
 
 pytest.importorskip("pipeline_native", reason="the compiled decoder is built by `make install`")
 
@@ -198,3 +198,29 @@ def test_floats_are_written_as_orjson_writes_them():
     values = [_json({**BASE, "properties": {"x": f, "y": [f]}}) for f in floats]
     batch = _assert_same(values)
     assert batch.events.height == len(floats)
+
+
+def test_a_kafka_poll_as_columns_decodes_as_its_records(monkeypatch):
+    values = list(generate(2000, seed=13))
+    values.insert(3, _json({**BASE, "event_id": "py-only", "timestamp": "2024-05-01 08:00Z"}))
+    offsets = [1000 + 2 * i for i in range(len(values))]
+    stamps = [1714550400000 + i // 100 for i in range(len(values))]
+    polled = PolledRecords("events.raw/4", values, offsets, stamps)
+    records = [
+        RawRecord(v, f"events.raw/4/{o}", s / 1000) for v, o, s in zip(values, offsets, stamps)
+    ]
+    assert list(polled) == records and polled[3] == records[3]
+    for native in (True, False):
+        if not native:
+            monkeypatch.setattr(validate, "_native_decoder", lambda registry: None)
+        from_columns = validate.decode_batch(RawBatch("p", polled))
+        from_records = validate.decode_batch(RawBatch("p", records))
+        assert from_columns.events.to_dicts() == from_records.events.to_dicts()
+        assert _stable(from_columns.dlq) == _stable(from_records.dlq)
+        assert from_columns.dlq and from_columns.events.row(3, named=True)["event_id"] == "py-only"
+    clean = PolledRecords("t/0", values[:3], offsets[:3], stamps[:3])  # nothing deferred
+    assert validate.decode_batch(RawBatch("p", clean)).events["source"].to_list() == [
+        "t/0/1000",
+        "t/0/1002",
+        "t/0/1004",
+    ]
