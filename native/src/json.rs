@@ -94,7 +94,7 @@ impl<'de> Visitor<'de> for JsonVisitor {
         Ok(Json::Arr(items))
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Json<'de>, A::Error> {
-        let mut members = Vec::with_capacity(16);
+        let mut members = Vec::new();
         while let Some(Key(key)) = map.next_key()? {
             members.push((key, map.next_value()?));
         }
