@@ -641,9 +641,13 @@ def _native_decoder(registry: ContractRegistry):
          plan.paths)
         for plan in _plans(registry).values()
     ]  # fmt: skip
-    return ContractDecoder(
-        columns, contracts, _DERIVE_PREFIX, MAX_RECORD_BYTES, MIN_TIMESTAMP_MS, MAX_TIMESTAMP_MS
-    )
+    try:
+        return ContractDecoder(
+            columns, contracts, _DERIVE_PREFIX, MAX_RECORD_BYTES, MIN_TIMESTAMP_MS, MAX_TIMESTAMP_MS
+        )
+    except ValueError as exc:  # a contract it cannot express (e.g. a number filling a text column)
+        log.warning("the compiled decoder refuses these contracts (%s): validating in Python", exc)
+        return None
 
 
 def _native_frame(

@@ -5,7 +5,7 @@
 //! `ContractDecoder.decode` takes a batch of raw record values and returns the rows of the records
 //! it accepts as Arrow-layout column buffers, plus the indices of the records it defers. It accepts
 //! a record only when the Python path would accept it and build exactly the same row; everything
-//! else (invalid JSON, a failed check, a timestamp layout or a number it does not handle) is
+//! else (invalid JSON, a failed check, a timestamp layout or a value it does not handle) is
 //! deferred, and the Python path decides it, DLQ reason and message included. So this module never
 //! rejects anything itself and has no error messages to keep in step.
 
@@ -113,7 +113,7 @@ impl Column {
         }
     }
 
-    /// Appends a cell that `ContractDecoder::fits` admitted for this column.
+    /// Appends a cell that `ContractDecoder::fields` found to fit this column.
     fn push(&mut self, cell: &Cell) {
         self.valid.push(!matches!(cell, Cell::Null));
         match self.kind {

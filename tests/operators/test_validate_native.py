@@ -224,3 +224,13 @@ def test_a_kafka_poll_as_columns_decodes_as_its_records(monkeypatch):
         "t/0/1002",
         "t/0/1004",
     ]
+
+
+def test_contracts_the_compiled_decoder_cannot_express_are_validated_in_python(monkeypatch, caplog):
+    def version_as_text(specs):
+        return [(n, "string" if n == "version" else t, r, m) for n, t, r, m in real(specs)]
+
+    real = validate._field_specs
+    monkeypatch.setattr(validate, "_field_specs", version_as_text)
+    assert validate._native_decoder.__wrapped__(default_registry()) is None
+    assert "refuses these contracts" in caplog.text
