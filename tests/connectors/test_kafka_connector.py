@@ -211,6 +211,8 @@ def test_compiled_values_of_an_enriched_batch_are_exactly_orjson_of_as_dicts():
         }
     )
     assert kafka._native_values(frame) == [orjson.dumps(row) for row in as_dicts(frame)]
+    empty = pl.DataFrame({"s": ["", None], "n": pl.Series([None, None], dtype=pl.Int64)})
+    assert kafka._native_values(empty) == [orjson.dumps(row) for row in as_dicts(empty)]
     # years past 9999 are left to the other paths
     beyond = pl.DataFrame({"at": pl.Series([253402300800000]).cast(pl.Datetime("ms", "UTC"))})
     assert kafka._native_values(beyond) is None
