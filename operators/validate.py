@@ -582,11 +582,21 @@ def decode_batch(batch: RawBatch, registry: ContractRegistry | None = None) -> E
         registry = default_registry()
     records = batch.records
     native = _native_decoder(registry)
+    if native is not None:
+        values = (
+            records.values if isinstance(records, PolledRecords) else [r.value for r in records]
+        )
+        try:
+            deferred, columns = native.decode(values)
+        except BaseException as exc:  # PyO3 raises a Rust panic as a BaseException
+            if isinstance(exc, KeyboardInterrupt | SystemExit):
+                raise
+            # a bug there must not stop the dataflow: the Python path decides this batch
+            log.exception("the compiled decoder failed on a batch of %s", batch.partition)
+            native = None
     if native is None:
         rows, _, dlq = _decode_rows(records, registry)
         return EventBatch(partition=batch.partition, events=_rows_frame(rows), dlq=dlq)
-    values = records.values if isinstance(records, PolledRecords) else [r.value for r in records]
-    deferred, columns = native.decode(values)
     if not deferred:
         return EventBatch(batch.partition, _native_frame(columns, records), [])
     rows, positions, dlq = _decode_rows([records[i] for i in deferred], registry)

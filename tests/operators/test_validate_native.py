@@ -234,3 +234,17 @@ def test_contracts_the_compiled_decoder_cannot_express_are_validated_in_python(m
     monkeypatch.setattr(validate, "_field_specs", version_as_text)
     assert validate._native_decoder.__wrapped__(default_registry()) is None
     assert "refuses these contracts" in caplog.text
+
+
+def test_a_failure_of_the_compiled_decoder_leaves_the_batch_to_python(monkeypatch, caplog):
+    class Broken:
+        def decode(self, values):
+            raise RuntimeError("boom")
+
+    values = list(generate(300, seed=17))
+    expected = _decode(values, native=True)
+    monkeypatch.setattr(validate, "_native_decoder", lambda registry: Broken())
+    batch = _decode(values, native=True)
+    assert batch.events.equals(expected.events)
+    assert _stable(batch.dlq) == _stable(expected.dlq)
+    assert "the compiled decoder failed on a batch of p" in caplog.text
