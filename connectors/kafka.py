@@ -332,8 +332,8 @@ class KafkaBatchSource(FixedPartitionedSource[RawBatch, int]):
 # offset at or before everything this partition writes after it (`tail_from`, from the topic's end
 # offsets; also kept in a ledger consumer group for a start without a snapshot), and a resumed
 # partition first reads back what was committed after `tail_from` (`ReplayLedger`, identities
-# recomputed from the record values) and skips those rows. Rows that carry a `revision` (windows, sessions) can be re-emitted with other
-# totals after a replay; they are compared by content and re-numbered above what was committed, so
+# recomputed from the record values) and skips those rows. Rows that carry a `revision` (windows,
+# sessions) can be re-emitted with other totals after a replay; they are compared by content and re-numbered above what was committed, so
 # revisions stay unique and increasing. The protocol is in docs/exactly-once.md.
 
 Rows = pl.DataFrame | list[dict]

@@ -36,8 +36,8 @@ Speed: records are first offered to the compiled decoder (`native/`, Rust, built
 it parses, checks and extracts in one pass and hands back the rows as Arrow column buffers, about
 three times cheaper than the Python path. It takes only records it can vouch for: a record it is not
 sure the Python path would accept with exactly the same row (invalid JSON, a failed check, a
-timestamp layout other than `YYYY-MM-DDTHH:MM:SS[.f]` with `Z` or `±HH[:]MM`, a repeated key or `-0`
-inside `properties`) goes through the Python path, which decides it. So every DLQ reason and message
+timestamp layout other than `YYYY-MM-DDTHH:MM:SS[.f]` with `Z` or `±HH[:]MM`, a repeated key or
+`-0` inside `properties`) goes through the Python path, which decides it. So every DLQ reason and message
 comes from Python, and the two must agree on every record the compiled decoder accepts (tested
 against each other). Without the compiled decoder every record takes the Python path.
 
@@ -616,10 +616,14 @@ def decode_batch(batch: RawBatch, registry: ContractRegistry | None = None) -> E
 
 # --- the compiled decoder -----------------------------------------------------------------------
 
-# Output columns the compiled decoder fills (`ingested_at` and `source` come from the RawRecord),
-# with their layout.
+# Output columns the compiled decoder fills (`ingested_at` and `source` come from the records)
+# with their layout, and the Arrow type of each layout.
 _NATIVE_KINDS = {pl.String: "text", pl.Int32: "int32", pl.Datetime: "millis"}
-_NATIVE_COLUMNS = tuple(c for c in EVENT_COLUMNS if c not in ("ingested_at", "source"))
+_NATIVE_COLUMNS = tuple(
+    (c, _NATIVE_KINDS[EVENT_SCHEMA[c].base_type()])
+    for c in EVENT_COLUMNS
+    if c not in ("ingested_at", "source")
+)
 _ARROW_TYPES = {
     "text": pa.large_string(),
     "int32": pa.int32(),
@@ -645,7 +649,6 @@ def _native_decoder(registry: ContractRegistry):
     except ImportError:
         log.warning("the compiled decoder (pipeline_native) is not installed: validating in Python")
         return None
-    columns = [(c, _NATIVE_KINDS[EVENT_SCHEMA[c].base_type()]) for c in _NATIVE_COLUMNS]
     contracts = [
         (plan.contract.schema_urn, plan.contract.version, _field_specs(plan.contract.fields),
          plan.paths)
@@ -653,7 +656,12 @@ def _native_decoder(registry: ContractRegistry):
     ]  # fmt: skip
     try:
         return ContractDecoder(
-            columns, contracts, _DERIVE_PREFIX, MAX_RECORD_BYTES, MIN_TIMESTAMP_MS, MAX_TIMESTAMP_MS
+            list(_NATIVE_COLUMNS),
+            contracts,
+            _DERIVE_PREFIX,
+            MAX_RECORD_BYTES,
+            MIN_TIMESTAMP_MS,
+            MAX_TIMESTAMP_MS,
         )
     except ValueError as exc:  # a contract it cannot express (e.g. a number filling a text column)
         log.warning("the compiled decoder refuses these contracts (%s): validating in Python", exc)
@@ -666,14 +674,13 @@ def _native_frame(
     """The frame of the compiled decoder's columns for `records` (those at `accepted`: all)."""
     n = len(records) if accepted is None else len(accepted)
     arrays = []
-    for name, (data, offsets, validity) in zip(_NATIVE_COLUMNS, columns, strict=True):
-        kind = _NATIVE_KINDS[EVENT_SCHEMA[name].base_type()]
+    for (_, kind), (data, offsets, validity) in zip(_NATIVE_COLUMNS, columns, strict=True):
         buffers = [None if validity is None else pa.py_buffer(validity)]
         if offsets is not None:
             buffers.append(pa.py_buffer(offsets))
         buffers.append(pa.py_buffer(data))
         arrays.append(pa.Array.from_buffers(_ARROW_TYPES[kind], n, buffers))
-    frame = pl.from_arrow(pa.Table.from_arrays(arrays, names=list(_NATIVE_COLUMNS)))
+    frame = pl.from_arrow(pa.Table.from_arrays(arrays, names=[c for c, _ in _NATIVE_COLUMNS]))
     if isinstance(records, PolledRecords):
         offsets = pl.Series(records.offsets, dtype=pl.Int64)
         ingested = pl.Series(records.ingested_ms, dtype=pl.Int64)
@@ -682,13 +689,7 @@ def _native_frame(
         source = pl.lit(records.label + "/") + offsets.cast(pl.String)
     else:
         chosen = records if accepted is None else [records[i] for i in accepted]
-        ingested, last, ms = [], None, 0
-        for record in chosen:
-            if record.ingested_at != last:
-                last = record.ingested_at
-                ms = round(last * 1000)
-            ingested.append(ms)
-        ingested = pl.Series(ingested, dtype=pl.Int64)
+        ingested = pl.Series([round(r.ingested_at * 1000) for r in chosen], dtype=pl.Int64)
         source = pl.Series([record.source for record in chosen], dtype=pl.String)
     return frame.with_columns(
         ingested.cast(EVENT_SCHEMA["ingested_at"]).alias("ingested_at"), source.alias("source")

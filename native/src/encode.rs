@@ -115,7 +115,7 @@ impl Column<'_> {
             Kind::Bool => out.extend_from_slice(if bit(self.data, i) { b"true" } else { b"false" }),
             Kind::Timestamp(per_second) => {
                 let ms = i64::from_le_bytes(le(self.data, i)).div_euclid(per_second / 1000);
-                iso_millis(ms, out)?
+                write_iso_millis(ms, out)?
             }
             Kind::Null => unreachable!(),
         }
@@ -136,7 +136,7 @@ fn float(f: f64, out: &mut Vec<u8>) {
 }
 
 /// `ms` as `%Y-%m-%dT%H:%M:%S%.3fZ`; years 0 to 9999 only (polars writes others differently).
-fn iso_millis(ms: i64, out: &mut Vec<u8>) -> PyResult<()> {
+fn write_iso_millis(ms: i64, out: &mut Vec<u8>) -> PyResult<()> {
     let days = ms.div_euclid(86_400_000);
     let in_day = ms.rem_euclid(86_400_000);
     // civil_from_days (Howard Hinnant)

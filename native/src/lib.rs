@@ -406,7 +406,7 @@ impl ContractDecoder {
                     }
                     Cell::Str(s)
                 }
-                (Kind::Timestamp, Json::Str(s)) => match iso_millis(s) {
+                (Kind::Timestamp, Json::Str(s)) => match parse_iso_millis(s) {
                     Some(ms) => Cell::Int(ms),
                     None => return false,
                 },
@@ -551,7 +551,7 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
 /// Epoch milliseconds of `YYYY-MM-DDTHH:MM:SS[.f…]` followed by `Z`, `±HH:MM` or `±HHMM`, as
 /// `(datetime.fromisoformat(s) - epoch) // 1 ms` computes them (fractions beyond microseconds
 /// truncated). None for every other text, valid ISO-8601 included: the Python path parses it.
-fn iso_millis(s: &str) -> Option<i64> {
+fn parse_iso_millis(s: &str) -> Option<i64> {
     let b = s.as_bytes();
     if b.len() < 20
         || b[4] != b'-'
