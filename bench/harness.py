@@ -333,6 +333,17 @@ def ours_env(brokers: str, topic_in: str, prefix: str, *, stop_at_end: bool) -> 
     return env
 
 
+def cluster_addresses(processes: int) -> str | None:
+    """The `-a` of a job of several processes (None for one)."""
+    if processes == 1:
+        return None
+    return ";".join(f"127.0.0.1:{free_port()}" for _ in range(processes))
+
+
+def cluster_args(index: int, addresses: str | None) -> list[str]:
+    return [] if addresses is None else ["-i", str(index), "-a", addresses]
+
+
 def ours_job(
     name: str,
     brokers: str,
@@ -361,14 +372,11 @@ def ours_job(
             "--",
             *base,
         ]
-    if processes == 1:
-        commands = [[*base, str(stats[0]), "dataflows.main", *extra]]
-    else:
-        addresses = ";".join(f"127.0.0.1:{free_port()}" for _ in range(processes))
-        commands = [
-            [*base, str(stats[i]), "dataflows.main", "-i", str(i), "-a", addresses, *extra]
-            for i in range(processes)
-        ]
+    addresses = cluster_addresses(processes)
+    commands = [
+        [*base, str(stats[i]), "dataflows.main", *cluster_args(i, addresses), *extra]
+        for i in range(processes)
+    ]
     job = Job(name, commands, env, stats, f"{prefix}.enriched")
     # each process serves its own metrics port
     job.process_env = [{"METRICS_PORT": str(free_port())} for _ in range(processes)]
@@ -498,8 +506,10 @@ def quix_job(name: str, python: Path, brokers: str, topic_in: str, prefix: str) 
 
 
 class OutputWatcher(threading.Thread):
-    """Reads an output topic read_committed; per record: (Kafka timestamp ms, seen at ms,
+    """Reads an output topic read_committed; per sampled record: (Kafka timestamp ms, seen at ms,
     ingested_at ms)."""
+
+    SAMPLE_EVERY = 8
 
     def __init__(self, brokers: str, topic: str, partitions: int):
         super().__init__(daemon=True)
@@ -512,7 +522,8 @@ class OutputWatcher(threading.Thread):
             }
         )
         self.consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
-        self.rows: list[tuple[int, int, int]] = []
+        self.rows: list[tuple[int, int, int]] = []  # of every SAMPLE_EVERY-th record
+        self.count = 0  # records read
         self._halt = threading.Event()
 
     def run(self) -> None:
@@ -523,7 +534,9 @@ class OutputWatcher(threading.Thread):
         while not self._halt.is_set():
             messages = self.consumer.consume(5000, 0.2)
             seen = int(time.time() * 1000)
-            for m in messages:
+            self.count += len(messages)
+            # A sample: parsing every record would take CPU from the job being measured.
+            for m in messages[:: self.SAMPLE_EVERY]:
                 if m.error() is not None:
                     continue
                 value = m.value()
@@ -563,6 +576,7 @@ def latency_phase(
     partitions: int,
     rate: int,
     seconds: float,
+    processes: int,
     logs: Path,
 ) -> dict:
     warm_records = partitions * 20
@@ -572,11 +586,20 @@ def latency_phase(
     create_topics(brokers, [topic_in], partitions)
     create_topics(brokers, [f"{prefix}.{s}" for s in STREAMS], partitions)
     env = {**os.environ, **ours_env(brokers, topic_in, prefix, stop_at_end=False)}
-    stats = CACHE / "latency.stats.json"
-    command = [str(VENV_PY), "-m", "bench.launch", str(stats), "dataflows.main", "-s", "1"]
+    addresses = cluster_addresses(processes)
     out = open(logs / "latency.log", "wb")  # noqa: SIM115
-    job = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    sampler = Sampler([job.pid])
+    jobs = [
+        subprocess.Popen(
+            [str(VENV_PY), "-m", "bench.launch", str(CACHE / f"latency-{i}.stats.json")]
+            + ["dataflows.main", "-s", "1", *cluster_args(i, addresses)],
+            cwd=ROOT,
+            env={**env, "METRICS_PORT": str(free_port())},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        for i in range(processes)
+    ]
+    sampler = Sampler([job.pid for job in jobs])
     sampler.start()
     watcher = OutputWatcher(brokers, f"{prefix}.enriched", partitions)
     watcher.start()
@@ -587,11 +610,11 @@ def latency_phase(
         for i in range(warm_records):
             producer.produce(topic_in, lines[i], partition=i % partitions)
         producer.flush(30)
-        while not watcher.rows:
-            if job.poll() is not None or time.time() > warm_until:
+        while not watcher.count:
+            if any(job.poll() is not None for job in jobs) or time.time() > warm_until:
                 raise RuntimeError(f"latency job did not start: see {logs / 'latency.log'}")
             time.sleep(0.2)
-        warm = len(watcher.rows)
+        warm = watcher.count
         log(f"  [latency] job ready; producing {rate:,}/s for {seconds:.0f} s")
         started = time.time()
         measure_from = int((started + min(5.0, seconds / 4)) * 1000)  # skip the first seconds
@@ -619,18 +642,20 @@ def latency_phase(
                 rss = f" rss={sampler.samples[-1][2]:.0f}MB" if sampler.samples else ""
                 log(
                     f"  [latency] {now - started:4.0f}s sent={sent:,} "
-                    f"out={len(watcher.rows) - warm:,}{rss}"
+                    f"out={watcher.count - warm:,}{rss}"
                 )
             time.sleep(max(0.0, tick - (time.time() - now)) if per_tick else tick)
         producer.flush(30)
         achieved = sent / (time.time() - started)
         drain_until = time.time() + 30
-        while len(watcher.rows) - warm < sent * 0.98 and time.time() < drain_until:
+        while watcher.count - warm < sent * 0.98 and time.time() < drain_until:
             time.sleep(0.5)
         time.sleep(2)
     finally:
-        if job.poll() is None:
-            job.send_signal(signal.SIGINT)
+        for job in jobs:
+            if job.poll() is None:
+                job.send_signal(signal.SIGINT)
+        for job in jobs:
             try:
                 job.wait(60)
             except subprocess.TimeoutExpired:
@@ -640,12 +665,13 @@ def latency_phase(
         sampler.stop()
     rows = [r for r in watcher.rows if r[2] >= measure_from]
     return {
+        "processes": processes,
         "rate_target": rate,
         "rate_achieved": round(achieved),
         "seconds": seconds,
         "epoch_interval_s": 1,
         "records_sent": sent,
-        "records_out": len(watcher.rows) - warm,
+        "records_out": watcher.count - warm,
         "records_measured": len(rows),
         "sink_ms": percentiles([ts - ing for ts, _, ing in rows]),
         "visible_ms": percentiles([seen - ing for _, seen, ing in rows]),
@@ -670,6 +696,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--repeat", type=int, default=1, help="runs per job; the best counts")
     run.add_argument("--rate", type=int, default=50_000, help="latency phase: events/s")
     run.add_argument("--latency-s", type=float, default=20)
+    run.add_argument(
+        "--latency-processes",
+        type=int,
+        default=2,
+        help="latency phase: processes of the job (2: one per core of the bench machine)",
+    )
     run.add_argument(
         "--skip",
         default="",
@@ -759,7 +791,14 @@ def main(argv: list[str] | None = None) -> int:
             log("latency phase")
             try:
                 results["latency"] = latency_phase(
-                    brokers, run_id, args.seed, args.partitions, args.rate, args.latency_s, logs
+                    brokers,
+                    run_id,
+                    args.seed,
+                    args.partitions,
+                    args.rate,
+                    args.latency_s,
+                    args.latency_processes,
+                    logs,
                 )
             except Exception as exc:  # noqa: BLE001 - reported; the summary is still printed
                 log(f"latency phase failed: {exc}")
