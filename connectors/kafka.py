@@ -18,7 +18,6 @@ from typing import Any
 
 import orjson
 import polars as pl
-import pyarrow as pa
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 from confluent_kafka import (
@@ -35,7 +34,7 @@ from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
 from connectors.base import TransientSinkError, oldest_ingested_at
 from dataflows import metrics
 from dataflows.config import Settings
-from operators.model import ISO_MS_FORMAT, PolledRecords, RawBatch, as_dicts
+from operators.model import ISO_MS_FORMAT, PolledRecords, RawBatch, arrow_columns, as_dicts
 
 try:  # the compiled encoder (native/, built by `make install`); see `_json_values`
     from pipeline_native import json_rows as _native_json_rows
@@ -428,12 +427,7 @@ def _native_values(rows: pl.DataFrame) -> list[bytes] | None:
     """`_json_values` by the compiled encoder (`native/`); None where it cannot write them."""
     if _native_json_rows is None:
         return None
-    table = rows.to_arrow(compat_level=pl.CompatLevel.oldest())
-    arrays = [column.combine_chunks() for column in table.columns]  # alive until written
-    columns = [
-        (name, str(a.type), a.offset, [None if b is None else (b.address, b.size) for b in bufs])
-        for name, a, bufs in zip(table.column_names, arrays, map(pa.Array.buffers, arrays))
-    ]
+    _arrays, columns = arrow_columns(rows)  # the arrays stay alive until written
     try:
         return _native_json_rows(rows.height, columns)
     except ValueError:  # a column type (or a datetime) it does not write

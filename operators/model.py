@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 
 import polars as pl
+import pyarrow as pa
 
 
 class DlqReason(StrEnum):
@@ -169,3 +170,19 @@ def dlq_record(
         "correlation_id": correlation_id or derive_correlation_id(source),
         "failed_at": utc_now_iso(),
     }
+
+
+ArrowColumn = tuple[str, str, int, list[tuple[int, int] | None]]
+
+
+def arrow_columns(frame: pl.DataFrame) -> tuple[list[pa.Array], list[ArrowColumn]]:
+    """The columns of `frame` as Arrow arrays (strings as large_string) and, for compiled code
+    (`native/`), each as (name, Arrow type name, array offset, buffers as (address, size)). The
+    addresses are only valid while the arrays are alive: keep them until the call returns."""
+    table = frame.to_arrow(compat_level=pl.CompatLevel.oldest())
+    arrays = [column.combine_chunks() for column in table.columns]
+    columns = [
+        (name, str(a.type), a.offset, [None if b is None else (b.address, b.size) for b in bufs])
+        for name, a, bufs in zip(table.column_names, arrays, map(pa.Array.buffers, arrays))
+    ]
+    return arrays, columns

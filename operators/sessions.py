@@ -1,11 +1,17 @@
 """Sessions by `session_id`: a session closes after `gap` of event-time inactivity.
 
-`session_partials` cuts one batch into per-session segments with polars (a new segment starts where
-two consecutive events of a session are more than `gap` apart). `SessionState` (one per shard)
-merges segments that come within `gap` of each other and emits a session once the shard's
-watermark passes `end + gap`. The open state of a session is freed when it closes; a compact closed
-record is kept for `retention_ms` so that a late event can still correct it (re-emitted with
-`revision + 1`), then that is freed too.
+The event-time gate hands each shard the session events of a batch (`session_partials`); the
+shard's `SessionState` keeps a `SessionTable` of its sessions by id. The table merges what comes
+within `gap` of a session and emits a session once the shard's watermark passes `end + gap`. The
+open state of a session is freed when it closes; a compact closed record is kept for
+`retention_ms` so that a late event can still correct it (re-emitted with `revision + 1`), then
+that is freed too.
+
+Two implementations of the same table: the compiled one (`native/`, `pipeline_native`), which
+takes a shard's events as columns and cuts them into per-session segments itself, and the Python
+one here, the specification it is tested against, which takes segments cut with polars. The
+compiled one is used where it is installed (validation logs its absence); snapshots are the same
+either way.
 
 A session's identity for downstream stores is `(session_id, start)`.
 """
@@ -14,22 +20,50 @@ from __future__ import annotations
 
 import heapq
 import sys
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from itertools import chain, islice
 from operator import attrgetter, itemgetter
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import polars as pl
 
 from operators.event_time import END_WATERMARK
+from operators.model import arrow_columns
 from operators.sharding import ShardClock, rows_by_shard
 from operators.snapshot_log import SnapshotLog
 from operators.windows import iso_ms
 
+try:  # the compiled table (native/, built by `make install`)
+    import pipeline_native as compiled
+except ImportError:
+    compiled = None
 
-def session_partials(events: pl.DataFrame, gap_ms: int, shards: int) -> dict[int, list[tuple]]:
+# A segment as snapshots and `SessionTable.load` hold it: (tenant, user_id, start, end, count,
+# revision, dirty).
+SegmentTuple = tuple[str, str | None, int, int, int, int, bool]
+_END = 3  # of a SegmentTuple
+
+
+def session_partials(events: pl.DataFrame, gap_ms: int, shards: int) -> dict[int, Any]:
+    """A batch's session events per shard, as the shard's table takes them: `SessionEvents`
+    (compiled) or segments (`python_session_partials`)."""
+    if compiled is None:
+        return python_session_partials(events, gap_ms, shards)
+    columns = events.select(
+        pl.col("session_id", "tenant", "user_id").cast(pl.String),
+        pl.col("timestamp").dt.epoch("ms"),
+    )
+    if columns.height == 0:
+        return {}
+    _arrays, buffers = arrow_columns(columns)  # the arrays stay alive until read
+    return dict(compiled.session_events(columns.height, buffers, shards))
+
+
+def python_session_partials(
+    events: pl.DataFrame, gap_ms: int, shards: int
+) -> dict[int, list[tuple]]:
     """Per-shard session segments of one batch: rows `(session_id, tenant, user_id, start, end,
-    count)`."""
+    count)`; a segment is a run of a session's events, in time order, no more than `gap` apart."""
     session_id, ts, user_id = pl.col("session_id"), pl.col("ts"), pl.col("user_id")
     ordered = (
         events.select(
@@ -77,18 +111,12 @@ class Session:
     dirty: bool = True  # changed since it was last emitted
 
 
-def _encode_groups(session_ids: list[str], groups: list[list[Session]]) -> dict:
-    # A few long lists pickle several times faster than an object per session.
-    segments = list(chain.from_iterable(groups))
-    return {
-        "session_ids": session_ids,
-        "segments_per_id": list(map(len, groups)),
-        "segments": {name: list(map(attrgetter(name), segments)) for name in Session.__slots__},
-    }
+def _encode_groups(session_ids: list[str], table: Any) -> dict:
+    return table.encode(session_ids)
 
 
-def _decode_groups(chunk: dict) -> tuple[list[str], list[list[Session]]]:
-    segments = iter(map(Session, *chunk["segments"].values()))
+def _decode_groups(chunk: dict) -> tuple[list[str], list[list[SegmentTuple]]]:
+    segments = iter(zip(*chunk["segments"].values(), strict=True))
     return chunk["session_ids"], [list(islice(segments, n)) for n in chunk["segments_per_id"]]
 
 
@@ -96,94 +124,150 @@ def _new_log() -> SnapshotLog:
     return SnapshotLog(_encode_groups, _decode_groups)
 
 
+def _new_table(gap_ms: int, retention_ms: int) -> Any:
+    return (compiled.SessionTable if compiled is not None else SessionTable)(gap_ms, retention_ms)
+
+
 @dataclass
 class SessionState:
-    """The sessions of one shard."""
+    """The sessions of one shard: its table, watermark and retention horizon."""
 
     gap_ms: int
     retention_ms: int
     clock: ShardClock = field(default_factory=ShardClock)
-    sessions: dict[str, list[Session]] = field(default_factory=dict)
-    # heap of (when, session_id): when to look at a session id again (close or expire). An entry
-    # may be early (the session grew since): it is then pushed again for the session's new end, so
-    # a session that grows event by event keeps one entry instead of one per batch.
-    deadlines: list[tuple[int, str]] = field(default_factory=list)
     horizon_ms: int = -(2**62)
     dropped_events: int = 0
+    table: Any = field(init=False, repr=False, compare=False)
     log: SnapshotLog = field(default_factory=_new_log, repr=False, compare=False)
 
     state_kind: ClassVar[str] = "open_sessions"
 
+    def __post_init__(self) -> None:
+        self.table = _new_table(self.gap_ms, self.retention_ms)
+
     def state_size(self) -> int:
         """Session ids held: sessions still open and closed ones kept for late corrections."""
-        return len(self.sessions)
+        return len(self.table)
 
     def __getstate__(self) -> dict:
         # Snapshots happen every epoch: the sessions are sealed into chunks (see `SnapshotLog`), of
         # which only the one with the sessions changed since the last snapshot is pickled anew. The
-        # deadlines are left out: `__setstate__` derives them from the sessions.
+        # deadlines are left out: the table derives them from the sessions.
+        self.log.changed.update(self.table.take_changed())
         return {
             "gap_ms": self.gap_ms,
             "retention_ms": self.retention_ms,
             "clock": self.clock,
             "horizon_ms": self.horizon_ms,
             "dropped_events": self.dropped_events,
-            "chunks": self.log.seal(self.sessions),
+            "chunks": self.log.seal(self.table),
         }
 
     def __setstate__(self, state: dict) -> None:
         self.log = _new_log()
         if "chunks" not in state and "segments" not in state:
-            # written before the columnar form: the attributes as such
+            # written before the columnar form: the attributes as such, sessions as objects
+            groups = {sid: [astuple(s) for s in g] for sid, g in state["sessions"].items()}
+            state = {k: v for k, v in state.items() if k not in ("sessions", "deadlines")}
             self.__dict__.update(state)
-            self.log.changed.update(self.sessions)
-            return
-        self.gap_ms = state["gap_ms"]
-        self.retention_ms = state["retention_ms"]
-        self.clock = state["clock"]
-        self.horizon_ms = state["horizon_ms"]
-        self.dropped_events = state["dropped_events"]
-        # A deleted session can have an earlier version in an older chunk; deletion comes with
-        # expiry, so that version has expired too.
-        horizon, gap = self.horizon_ms, self.gap_ms
-        self.sessions = self.log.restore(
-            state, lambda _, group: any(s.end + gap > horizon for s in group)
-        )
-        # snapshots written before the deadlines were derived hold them
-        self.deadlines = state.get("deadlines") or self._derived_deadlines()
+            self.log.changed.update(groups)
+        else:
+            self.gap_ms = state["gap_ms"]
+            self.retention_ms = state["retention_ms"]
+            self.clock = state["clock"]
+            self.horizon_ms = state["horizon_ms"]
+            self.dropped_events = state["dropped_events"]
+            # A deleted session can have an earlier version in an older chunk; deletion comes
+            # with expiry, so that version has expired too.
+            horizon, gap = self.horizon_ms, self.gap_ms
+            groups = self.log.restore(
+                state, lambda _, group: any(s[_END] + gap > horizon for s in group)
+            )
+        self.table = _new_table(self.gap_ms, self.retention_ms)
+        self.table.load(list(groups.items()))
 
-    def _derived_deadlines(self) -> list[tuple[int, str]]:
-        """One entry per session id (see `_next_due`)."""
-        gap, retention = self.gap_ms, self.retention_ms
-        deadlines = [
-            (_next_due(group, gap, retention), session_id)
-            for session_id, group in self.sessions.items()
-        ]
-        heapq.heapify(deadlines)
-        return deadlines
-
-    def apply(self, partition: str, watermark_ms: int, partials: list[tuple] | None) -> list[dict]:
+    def apply(self, partition: str, watermark_ms: int, partials: Any) -> list[dict]:
         return self.apply_all([(partition, watermark_ms, partials)])
 
-    def apply_all(self, inputs: list[tuple[str, int, list[tuple] | None]]) -> list[dict]:
+    def apply_all(self, inputs: list[tuple[str, int, Any]]) -> list[dict]:
         """Merge several batches, taking in every watermark before anything closes."""
         for partition, watermark_ms, partials in inputs:
             if partials is not None:
-                self._absorb(partials)
+                # a segment ending by then closed too long ago
+                past_retention = self.horizon_ms - self.gap_ms
+                self.dropped_events += self.table.absorb(partials, past_retention)
             self.clock.update(partition, watermark_ms)
         return self._emit(self.clock.watermark_ms)
 
     def flush(self) -> list[dict]:
         return self._emit(END_WATERMARK)
 
-    def _absorb(self, partials: list[tuple]) -> None:
+    def _emit(self, watermark: int) -> list[dict]:
+        horizon = max(self.horizon_ms, watermark - self.retention_ms)
+        rows = self.table.emit(watermark, horizon)
+        self.horizon_ms = horizon
+        return rows
+
+
+class SessionTable:
+    """The sessions of one shard by id, with when to look at each id again.
+
+    `deadlines` is a heap of (when, session_id). An entry may be early (the session grew since):
+    it is then pushed again for the session's new end, so a session that grows event by event
+    keeps one entry instead of one per batch."""
+
+    def __init__(self, gap_ms: int, retention_ms: int):
+        self.gap_ms = gap_ms
+        self.retention_ms = retention_ms
+        self.sessions: dict[str, list[Session]] = {}
+        self.deadlines: list[tuple[int, str]] = []
+        self._changed: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.sessions)
+
+    def __contains__(self, session_id: str) -> bool:
+        return session_id in self.sessions
+
+    def take_changed(self) -> set[str]:
+        """The session ids written or deleted since the last call."""
+        changed, self._changed = self._changed, set()
+        return changed
+
+    def encode(self, session_ids: list[str]) -> dict:
+        """The sessions of `session_ids` as a snapshot chunk: a few long lists pickle several
+        times faster than an object per session."""
+        groups = [self.sessions[session_id] for session_id in session_ids]
+        segments = list(chain.from_iterable(groups))
+        return {
+            "session_ids": session_ids,
+            "segments_per_id": list(map(len, groups)),
+            "segments": {name: list(map(attrgetter(name), segments)) for name in Session.__slots__},
+        }
+
+    def load(self, entries: list[tuple[str, list[SegmentTuple]]]) -> None:
+        """Replace the sessions by `entries`; one deadline entry per id (see `_next_due`)."""
+        self.sessions = {sid: [Session(*s) for s in group] for sid, group in entries if group}
+        gap, retention = self.gap_ms, self.retention_ms
+        self.deadlines = [
+            (_next_due(group, gap, retention), sid) for sid, group in self.sessions.items()
+        ]
+        heapq.heapify(self.deadlines)
+
+    def groups(self) -> list[tuple[str, list[SegmentTuple]]]:
+        """Every session id with its segments as `load` takes them."""
+        return [(sid, [astuple(s) for s in group]) for sid, group in self.sessions.items()]
+
+    def absorb(self, partials: list[tuple], past_retention: int) -> int:
+        """Fold segments in; returns how many events were dropped for ending by
+        `past_retention`."""
         gap = self.gap_ms
         sessions, deadlines = self.sessions, self.deadlines
-        intern, push, touch = sys.intern, heapq.heappush, self.log.changed.add
-        past_retention = self.horizon_ms - gap  # a segment ending by then closed too long ago
+        intern, push, touch = sys.intern, heapq.heappush, self._changed.add
+        dropped = 0
         for session_id, tenant, user_id, start, end, count in partials:
             if end <= past_retention:
-                self.dropped_events += count
+                dropped += count
                 continue
             # interned: the deadlines of a session share its id, its sessions a few tenants
             session_id = intern(session_id)
@@ -200,19 +284,19 @@ class SessionState:
                 sessions[session_id] = _merge(group, new, gap)
                 end = new.end
             push(deadlines, (end + gap, session_id))
+        return dropped
 
-    def _emit(self, watermark: int) -> list[dict]:
-        """Emit sessions that closed (or changed after closing); free those past retention.
+    def emit(self, watermark: int, horizon: int) -> list[dict]:
+        """Emit sessions that closed (or changed after closing); free those ending by `horizon`.
 
         Every session id keeps a deadline entry due no later than its next close or expiry (an
         entry that comes early is pushed again for that), so nothing past the horizon outlives
         this call. Rows come in the order of their close, then session id: the same rows in the
-        same order whatever entries the deadline heap held (a restored state holds fewer)."""
+        same order whatever entries the deadline heap held (a restored table holds fewer)."""
         closed = []
         gap, retention = self.gap_ms, self.retention_ms
-        horizon = max(self.horizon_ms, watermark - retention)
         sessions, deadlines = self.sessions, self.deadlines
-        push, pop, touch = heapq.heappush, heapq.heappop, self.log.changed.add
+        push, pop, touch = heapq.heappush, heapq.heappop, self._changed.add
         while deadlines and deadlines[0][0] <= watermark:
             session_id = pop(deadlines)[1]
             group = sessions.get(session_id)
@@ -235,7 +319,6 @@ class SessionState:
                 push(deadlines, (_next_due(kept, gap, retention), session_id))
             if emitted or expired:
                 touch(session_id)
-        self.horizon_ms = horizon
         closed.sort(key=itemgetter(0, 1))
         return [row for _, _, row in closed]
 

@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import io
 import pickle
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Container, Hashable
 from dataclasses import dataclass
 from typing import Any
 
-Encode = Callable[[list, list], Any]  # keys, their values → builtins to pickle
+Encode = Callable[[list, Any], Any]  # keys, the state holding them → builtins to pickle
 Decode = Callable[[Any], tuple[list, list]]  # what `Encode` made → keys, values
 
 
@@ -56,8 +56,9 @@ class SnapshotLog:
         self._home: dict[Hashable, _Chunk] = {}  # key → the chunk with its latest version
         self.changed: set = set()  # keys written or deleted since the last seal
 
-    def seal(self, current: Mapping) -> list[bytes]:
-        """The snapshot of `current` as chunks: the chunks kept, then one with what changed."""
+    def seal(self, current: Container) -> list[bytes]:
+        """The snapshot of `current` (the state's entries by key, as `encode` reads them) as
+        chunks: the chunks kept, then one with what changed."""
         changed, self.changed = self.changed, set()
         home = self._home
         for key in changed:
@@ -74,8 +75,7 @@ class SnapshotLog:
         while kept and kept[-1].live <= len(keys):
             keys.extend(self._live_keys(kept.pop()))
         if keys:
-            values = [current[key] for key in keys]
-            data = pickle.dumps(self._encode(keys, values), protocol=pickle.HIGHEST_PROTOCOL)
+            data = pickle.dumps(self._encode(keys, current), protocol=pickle.HIGHEST_PROTOCOL)
             chunk = _Chunk(data, keys, len(keys))
             for key in keys:
                 home[key] = chunk

@@ -150,8 +150,9 @@ def _unique(users: set[str] | str) -> int:
     return len(users) if isinstance(users, set) else users.count(_SEPARATOR) - 1
 
 
-def _encode_cells(keys: list[CellKey], cells: list[Cell]) -> dict:
+def _encode_cells(keys: list[CellKey], current: dict[CellKey, Cell]) -> dict:
     # Columns of builtins pickle several times faster than an object per cell.
+    cells = [current[key] for key in keys]
     return {
         "keys": keys,
         "counts": [cell.count for cell in cells],

@@ -62,7 +62,7 @@ impl Kind {
 }
 
 /// An Arrow buffer by address and size, as pyarrow's `Buffer.address` / `.size` give it.
-type RawBuffer = Option<(usize, usize)>;
+pub(crate) type RawBuffer = Option<(usize, usize)>;
 
 struct Column<'a> {
     key: Vec<u8>, // `"name":`
@@ -74,7 +74,7 @@ struct Column<'a> {
     plain: bool, // text: no value needs escaping (checked once over the whole column)
 }
 
-fn bit(bits: &[u8], i: usize) -> bool {
+pub(crate) fn bit(bits: &[u8], i: usize) -> bool {
     bits[i / 8] & (1 << (i % 8)) != 0
 }
 
@@ -136,7 +136,7 @@ fn float(f: f64, out: &mut Vec<u8>) {
 }
 
 /// `ms` as `%Y-%m-%dT%H:%M:%S%.3fZ`; years 0 to 9999 only (polars writes others differently).
-fn write_iso_millis(ms: i64, out: &mut Vec<u8>) -> PyResult<()> {
+pub(crate) fn write_iso_millis(ms: i64, out: &mut Vec<u8>) -> PyResult<()> {
     let days = ms.div_euclid(86_400_000);
     let in_day = ms.rem_euclid(86_400_000);
     // civil_from_days (Howard Hinnant)
@@ -174,7 +174,7 @@ fn write_iso_millis(ms: i64, out: &mut Vec<u8>) -> PyResult<()> {
     Ok(())
 }
 
-fn buffer<'a>(raw: RawBuffer, needed: usize, what: &str) -> PyResult<&'a [u8]> {
+pub(crate) fn buffer<'a>(raw: RawBuffer, needed: usize, what: &str) -> PyResult<&'a [u8]> {
     let Some((address, size)) = raw else {
         if needed == 0 {
             return Ok(&[]); // e.g. the data of a text column whose values are all empty

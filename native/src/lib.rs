@@ -18,6 +18,7 @@ use pyo3::types::{PyBytes, PyTuple};
 
 mod encode;
 mod json;
+mod sessions;
 use json::{escape, push_float, Json};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -626,5 +627,8 @@ fn parse_iso_millis(s: &str) -> Option<i64> {
 fn pipeline_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ContractDecoder>()?;
     m.add_function(wrap_pyfunction!(encode::json_rows, m)?)?;
+    m.add_class::<sessions::SessionEvents>()?;
+    m.add_class::<sessions::SessionTable>()?;
+    m.add_function(wrap_pyfunction!(sessions::session_events, m)?)?;
     Ok(())
 }

@@ -2,8 +2,11 @@ import pickle
 from datetime import UTC, datetime
 
 import polars as pl
+import pytest
 
-from operators.sessions import SessionState, session_partials
+from operators.sessions import SessionState, python_session_partials, session_partials
+
+pytestmark = pytest.mark.usefixtures("session_engine")
 
 T0 = 1_700_000_000
 GAP = 1800
@@ -31,10 +34,19 @@ def partials(rows):
     return session_partials(events(rows), GAP * 1000, 1).get(0)
 
 
-def test_partials_split_a_session_at_gaps():
-    frame = partials(
-        [("s1", T0, "u"), ("s1", T0 + 100, None), ("s1", T0 + 100 + GAP + 1, "u"), ("s2", T0, None)]
-    )
+def test_python_partials_split_a_session_at_gaps():
+    frame = python_session_partials(
+        events(
+            [
+                ("s1", T0, "u"),
+                ("s1", T0 + 100, None),
+                ("s1", T0 + 100 + GAP + 1, "u"),
+                ("s2", T0, None),
+            ]
+        ),
+        GAP * 1000,
+        1,
+    )[0]
     got = sorted(frame)
     assert got == [
         ("s1", "acme", "u", T0 * 1000, (T0 + 100) * 1000, 2),
@@ -60,7 +72,7 @@ def test_session_closes_after_gap_of_event_time_and_frees_state():
             "revision": 0,
         }
     ]
-    assert state.sessions == {}
+    assert len(state.table) == 0
 
 
 def test_segments_from_different_batches_merge_within_gap():
@@ -80,7 +92,7 @@ def test_late_event_revises_a_closed_session():
     assert (second["event_count"], second["revision"], second["start"]) == (3, 1, first["start"])
     # after retention the closed session is freed
     state.apply("p0", (T0 + 10 + GAP + 86_400) * 1000, None)
-    assert state.sessions == {}
+    assert len(state.table) == 0
 
 
 def test_a_session_growing_batch_by_batch_keeps_one_deadline_and_closes_at_its_last_event():
@@ -88,7 +100,7 @@ def test_a_session_growing_batch_by_batch_keeps_one_deadline_and_closes_at_its_l
     for i in range(100):  # live input: one event per batch, the watermark following event time
         t = T0 + 60 * i
         assert state.apply("p0", t * 1000, partials([("s1", t, "u")])) == []
-    assert len(state.deadlines) == 1
+    assert len(state.table.deadlines) == 1
     last = T0 + 60 * 99
     assert state.apply("p0", (last + GAP - 1) * 1000, None) == []  # early entry pushed again
     (row,) = state.apply("p0", (last + GAP) * 1000, None)
@@ -116,9 +128,9 @@ def test_a_pickled_state_keeps_every_segment_and_derives_its_deadlines():
 
     restored = pickle.loads(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
 
-    assert restored.sessions == state.sessions
+    assert sorted(restored.table.groups()) == sorted(state.table.groups())
     expires = (T0 + GAP) * 1000 + 86_400_000
-    assert sorted(restored.deadlines) == [
+    assert sorted(restored.table.deadlines) == [
         ((T0 + 3 * GAP + 5) * 1000, "s1"),  # its second segment closes before the first expires
         (expires, "s3"),
         (expires, "sé✓"),
@@ -144,7 +156,44 @@ def test_every_segment_of_a_restored_session_id_expires_on_time():
     for current in (state, restored):
         first_expiry = (T0 + GAP) * 1000 + retention_ms
         current.apply("p0", first_expiry, None)
-        assert [s.start for s in current.sessions["s1"]] == [(T0 + 3 * GAP) * 1000]
+        assert [start for _, _, start, *_ in dict(current.table.groups())["s1"]] == [
+            (T0 + 3 * GAP) * 1000
+        ]
         current.apply("p0", first_expiry + 3 * GAP * 1000, None)
-        assert "s1" not in current.sessions
-        assert current.deadlines == []
+        assert "s1" not in current.table
+        assert current.table.deadlines == []
+
+
+def test_compiled_session_events_cross_processes_as_pickles(session_engine):
+    if session_engine == "python":
+        pytest.skip("the compiled form only")
+    rows = [("s1", T0, "u"), ("sé✓", T0 + 1, None), ("s3", T0 + 2, ""), (None, T0, "x")]
+    by_shard = session_partials(events(rows), GAP * 1000, 2)
+    assert sum(len(e) for e in by_shard.values()) == 3  # the event without a session is left out
+    for shard_events in by_shard.values():
+        copy = pickle.loads(pickle.dumps(shard_events))
+        states = [SessionState(gap_ms=GAP * 1000, retention_ms=0) for _ in range(2)]
+        states[0].apply("p0", T0 * 1000, shard_events)
+        states[1].apply("p0", T0 * 1000, copy)
+        assert states[0].flush() == states[1].flush() != []
+        state = shard_events.__getstate__()
+        with pytest.raises(ValueError, match="truncated"):
+            copy.__setstate__(state[:-3])
+        with pytest.raises(ValueError, match="trailing"):
+            copy.__setstate__(state + b"\0")
+
+
+def test_compiled_session_events_refuse_columns_they_do_not_know(session_engine):
+    if session_engine == "python":
+        pytest.skip("the compiled form only")
+    from operators.model import arrow_columns
+    from operators.sessions import compiled
+
+    frame = events([("s1", T0, "u")]).select(
+        "session_id", "tenant", "user_id", pl.col("timestamp").dt.epoch("s")
+    )
+    _arrays, columns = arrow_columns(frame)
+    with pytest.raises(ValueError, match="expected"):
+        compiled.session_events(1, columns[::-1], 1)
+    with pytest.raises(ValueError, match="shards"):
+        compiled.session_events(1, columns, 0)

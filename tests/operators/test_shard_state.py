@@ -8,6 +8,7 @@ import random
 import polars as pl
 import pytest
 
+from operators import sessions as sessions_module
 from operators.event_time import PartitionClock
 from operators.sessions import Session, SessionState, session_partials
 from operators.windows import Cell, WindowState, window_partials
@@ -102,8 +103,13 @@ class OldCell:
 
 
 def old_layout(state, _snapshots):
-    """The state as the previous version pickled it: its attributes, users as plain sets."""
-    attributes = {k: v for k, v in vars(state).items() if k != "log"}
+    """The state as the previous version pickled it: its attributes, users as plain sets (and
+    the sessions, without a table, as objects with their deadlines)."""
+    attributes = {k: v for k, v in vars(state).items() if k not in ("log", "table")}
+    if isinstance(state, SessionState):
+        groups = state.table.groups()
+        attributes["sessions"] = {sid: [Session(*s) for s in group] for sid, group in groups}
+        attributes["deadlines"] = list(state.table.deadlines)
     if isinstance(state, WindowState):
         for cell in attributes["cells"].values():
             if isinstance(cell.users, str):
@@ -130,20 +136,38 @@ def lists_layout(state, _snapshots):
         restored = WindowState.__new__(WindowState)
         restored.__setstate__(pickle.loads(pickle.dumps(attributes)))
         return restored
-    segments = [s for group in state.sessions.values() for s in group]
+    groups = state.table.groups()
+    segments = [s for _, group in groups for s in group]
     attributes = {
         **{k: getattr(state, k) for k in ("gap_ms", "retention_ms", "clock", "horizon_ms")},
         "dropped_events": state.dropped_events,
-        "deadlines": state.deadlines,
-        "session_ids": list(state.sessions),
-        "segments_per_id": [len(group) for group in state.sessions.values()],
-        "segments": {name: [getattr(s, name) for s in segments] for name in Session.__slots__},
+        "deadlines": list(state.table.deadlines),
+        "session_ids": [sid for sid, _ in groups],
+        "segments_per_id": [len(group) for _, group in groups],
+        "segments": {name: [s[i] for s in segments] for i, name in enumerate(Session.__slots__)},
     }
     restored = SessionState.__new__(SessionState)
     restored.__setstate__(pickle.loads(pickle.dumps(attributes)))
     return restored
 
 
+COMPILED = sessions_module.compiled
+
+
+def other_engine(state, snapshots):
+    """The state as its last snapshot holds it, loaded by the other session table: a process
+    with the compiled module resuming from a store written without it, or the other way round.
+    The rest of the run goes on with that table."""
+    if isinstance(state, WindowState):
+        return latest_snapshot(state, snapshots)
+    python_table = isinstance(state.table, sessions_module.SessionTable)
+    sessions_module.compiled = COMPILED if python_table else None
+    restored = latest_snapshot(state, snapshots)
+    assert isinstance(restored.table, sessions_module.SessionTable) != python_table
+    return restored
+
+
+@pytest.mark.usefixtures("session_engine")
 def test_final_windows_and_sessions_are_exact():
     batches = random_batches(seed=7)
     *steps, dropped = run(batches, retention_ms=86_400_000)
@@ -162,6 +186,7 @@ def test_final_windows_and_sessions_are_exact():
 @pytest.mark.parametrize("retention_ms", [0, 1_200_000, 86_400_000])
 @pytest.mark.parametrize("resume_at", [1, 17, 39])
 @pytest.mark.parametrize("restore", [latest_snapshot, lists_layout, old_layout])
+@pytest.mark.usefixtures("session_engine")
 def test_a_restored_state_continues_like_an_uninterrupted_one(retention_ms, resume_at, restore):
     batches = random_batches(seed=resume_at)
     expected = run(batches, retention_ms)
@@ -170,3 +195,32 @@ def test_a_restored_state_continues_like_an_uninterrupted_one(retention_ms, resu
     if retention_ms < 3_000_000:
         assert any(expected[-1])  # some late events were past retention
     assert run(batches, retention_ms, resume_at, restore) == expected
+
+
+@pytest.mark.parametrize("retention_ms", [0, 1_200_000, 86_400_000])
+@pytest.mark.parametrize("resume_at", [1, 17, 39])
+def test_a_state_resumes_in_the_other_session_table(session_engine, retention_ms, resume_at):
+    batches = random_batches(seed=resume_at)
+    expected = run(batches, retention_ms)
+    assert run(batches, retention_ms, resume_at, other_engine) == expected
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_compiled_session_table_emits_what_the_python_one_does(seed, monkeypatch):
+    """Step by step, on streams with ties in time (which event comes first decides a session's
+    tenant and user) and many shards."""
+    if sessions_module.compiled is None:
+        pytest.fail("the compiled module (native/) is not installed: run `make install`")
+    rng = random.Random(seed)
+    batches = [
+        batch.with_columns(
+            pl.col("timestamp") - pl.duration(milliseconds=pl.col("timestamp").dt.epoch("ms") % 7),
+            pl.Series(
+                "tenant", [rng.choice(["acme", "globex", "é✓"]) for _ in range(batch.height)]
+            ),
+        )
+        for batch in random_batches(seed=seed, batches=30)
+    ]
+    compiled_run = run(batches, retention_ms=1_200_000)
+    monkeypatch.setattr(sessions_module, "compiled", None)
+    assert compiled_run == run(batches, retention_ms=1_200_000)

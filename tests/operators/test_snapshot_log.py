@@ -10,8 +10,8 @@ import pytest
 from operators.snapshot_log import SnapshotLog
 
 
-def encode(keys: list, values: list) -> dict:
-    return {"keys": keys, "values": values}
+def encode(keys: list, current: dict) -> dict:
+    return {"keys": keys, "values": [current[key] for key in keys]}
 
 
 def decode(chunk: dict) -> tuple[list, list]:
@@ -111,7 +111,7 @@ def test_a_state_of_a_few_hot_keys_pickles_only_them():
 
 
 def test_a_chunk_holding_anything_but_builtins_is_refused():
-    chunk = pickle.dumps(encode([1], [datetime.date(2024, 1, 1)]))
+    chunk = pickle.dumps(encode([1], {1: datetime.date(2024, 1, 1)}))
     with pytest.raises(pickle.UnpicklingError, match="refusing to load datetime.date"):
         SnapshotLog(encode, decode).load([chunk], lambda key, value: True)
 

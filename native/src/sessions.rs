@@ -1,0 +1,647 @@
+//! Sessions by `session_id`, compiled: the same state machine as `SessionTable` in
+//! `operators/sessions.py` (the specification), over events handed over as columns.
+//!
+//! `session_events` splits a batch's events by shard (CRC32 of the session id, as
+//! `operators.sharding` does) into `SessionEvents`; a shard's `SessionTable` cuts them into
+//! per-session segments (a new one where two consecutive events of a session, in time order, are
+//! more than the gap apart) and folds those in exactly as the Python table does.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::sync::Arc;
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyList};
+use rustc_hash::{FxHashMap, FxHashSet};
+
+use crate::encode::{bit, buffer, write_iso_millis, RawBuffer};
+
+/// Text values in one buffer; value `i` is `data[ends[i - 1]..ends[i]]`, None where not valid.
+#[derive(Default, Clone)]
+struct Texts {
+    data: String,
+    ends: Vec<usize>,
+    valid: Vec<bool>,
+}
+
+impl Texts {
+    fn push(&mut self, value: Option<&str>) {
+        if let Some(value) = value {
+            self.data.push_str(value);
+        }
+        self.ends.push(self.data.len());
+        self.valid.push(value.is_some());
+    }
+
+    fn get(&self, i: usize) -> Option<&str> {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        self.valid[i].then(|| &self.data[start..self.ends[i]])
+    }
+
+    fn write(&self, out: &mut Vec<u8>) {
+        put(out, self.data.len() as u64);
+        out.extend_from_slice(self.data.as_bytes());
+        for (&end, &valid) in self.ends.iter().zip(&self.valid) {
+            put(out, end as u64);
+            out.push(valid as u8);
+        }
+    }
+
+    fn read(input: &mut &[u8], n: usize) -> PyResult<Texts> {
+        let size = take(input)? as usize;
+        let data = String::from_utf8(bytes(input, size)?.to_vec())
+            .map_err(|_| PyValueError::new_err("session events: text is not UTF-8"))?;
+        let mut texts = Texts {
+            data,
+            ends: Vec::with_capacity(n),
+            valid: Vec::with_capacity(n),
+        };
+        let mut start = 0;
+        for _ in 0..n {
+            let end = take(input)? as usize;
+            let valid = bytes(input, 1)?[0] != 0;
+            if end < start || end > size || !texts.data.is_char_boundary(end) {
+                return Err(PyValueError::new_err("session events: bad text offsets"));
+            }
+            texts.ends.push(end);
+            texts.valid.push(valid);
+            start = end;
+        }
+        Ok(texts)
+    }
+}
+
+fn put(out: &mut Vec<u8>, value: u64) {
+    out.extend_from_slice(&value.to_le_bytes());
+}
+
+fn bytes<'a>(input: &mut &'a [u8], n: usize) -> PyResult<&'a [u8]> {
+    if input.len() < n {
+        return Err(PyValueError::new_err("session events: truncated"));
+    }
+    let (head, rest) = input.split_at(n);
+    *input = rest;
+    Ok(head)
+}
+
+fn take(input: &mut &[u8]) -> PyResult<u64> {
+    Ok(u64::from_le_bytes(bytes(input, 8)?.try_into().unwrap()))
+}
+
+/// The events of one batch for one shard, in batch order: session id, tenant, user id (may be
+/// None) and event time in epoch milliseconds. Pickles as bytes (it crosses processes).
+#[pyclass(module = "pipeline_native")]
+#[derive(Default, Clone)]
+pub struct SessionEvents {
+    session_ids: Texts,
+    tenants: Texts,
+    user_ids: Texts,
+    times: Vec<i64>,
+}
+
+#[pymethods]
+impl SessionEvents {
+    #[new]
+    fn new() -> Self {
+        SessionEvents::default()
+    }
+
+    fn __len__(&self) -> usize {
+        self.times.len()
+    }
+
+    fn __getstate__<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        let mut out = Vec::new();
+        put(&mut out, self.times.len() as u64);
+        for time in &self.times {
+            out.extend_from_slice(&time.to_le_bytes());
+        }
+        for texts in [&self.session_ids, &self.tenants, &self.user_ids] {
+            texts.write(&mut out);
+        }
+        PyBytes::new(py, &out)
+    }
+
+    fn __setstate__(&mut self, state: &[u8]) -> PyResult<()> {
+        let mut input = state;
+        let n = take(&mut input)? as usize;
+        let times = bytes(&mut input, n.saturating_mul(8))?;
+        self.times = times
+            .chunks_exact(8)
+            .map(|t| i64::from_le_bytes(t.try_into().unwrap()))
+            .collect();
+        self.session_ids = Texts::read(&mut input, n)?;
+        self.tenants = Texts::read(&mut input, n)?;
+        self.user_ids = Texts::read(&mut input, n)?;
+        if !input.is_empty() {
+            return Err(PyValueError::new_err("session events: trailing bytes"));
+        }
+        Ok(())
+    }
+}
+
+/// A large_string Arrow column by its buffers.
+struct TextColumn<'a> {
+    offset: usize,
+    validity: Option<&'a [u8]>,
+    offsets: &'a [u8],
+    data: &'a [u8],
+}
+
+impl<'a> TextColumn<'a> {
+    fn new(
+        length: usize,
+        (offset, buffers): (usize, Vec<RawBuffer>),
+        name: &str,
+    ) -> PyResult<Self> {
+        let end = offset + length;
+        let validity = match buffers.first() {
+            Some(Some(_)) => Some(buffer(buffers[0], end.div_ceil(8), name)?),
+            _ => None,
+        };
+        let offsets = buffer(*buffers.get(1).unwrap_or(&None), (end + 1) * 8, name)?;
+        let last = i64::from_le_bytes(offsets[end * 8..end * 8 + 8].try_into().unwrap()) as usize;
+        let data = buffer(*buffers.get(2).unwrap_or(&None), last, name)?;
+        Ok(TextColumn {
+            offset,
+            validity,
+            offsets,
+            data,
+        })
+    }
+
+    fn get(&self, row: usize) -> PyResult<Option<&'a str>> {
+        let i = self.offset + row;
+        if self.validity.is_some_and(|v| !bit(v, i)) {
+            return Ok(None);
+        }
+        let at = |k: usize| i64::from_le_bytes(self.offsets[k * 8..k * 8 + 8].try_into().unwrap());
+        let (start, end) = (at(i) as usize, at(i + 1) as usize);
+        let text = self
+            .data
+            .get(start..end)
+            .ok_or_else(|| PyValueError::new_err("bad offsets"))?;
+        std::str::from_utf8(text)
+            .map(Some)
+            .map_err(|_| PyValueError::new_err("text is not UTF-8"))
+    }
+}
+
+/// A column as `operators.model.arrow_columns` describes it: (name, Arrow type name, array
+/// offset, buffers).
+type ArrowColumn = (String, String, usize, Vec<RawBuffer>);
+
+/// A batch's events with a session id, by shard: `length` rows of the columns session_id, tenant,
+/// user_id (large_string) and timestamp (int64 epoch ms), in that order.
+#[pyfunction]
+pub fn session_events(
+    length: usize,
+    columns: Vec<ArrowColumn>,
+    shards: u32,
+) -> PyResult<Vec<(u32, SessionEvents)>> {
+    if shards == 0 {
+        return Err(PyValueError::new_err("shards must be at least 1"));
+    }
+    let expected = [
+        ("session_id", "large_string"),
+        ("tenant", "large_string"),
+        ("user_id", "large_string"),
+        ("timestamp", "int64"),
+    ];
+    let names: Vec<(&str, &str)> = columns
+        .iter()
+        .map(|c| (c.0.as_str(), c.1.as_str()))
+        .collect();
+    if names != expected {
+        return Err(PyValueError::new_err(format!(
+            "session events: columns {names:?}, expected {expected:?}"
+        )));
+    }
+    let mut columns = columns
+        .into_iter()
+        .map(|(_, _, offset, buffers)| (offset, buffers));
+    let session_ids = TextColumn::new(length, columns.next().unwrap(), "session_id")?;
+    let tenants = TextColumn::new(length, columns.next().unwrap(), "tenant")?;
+    let user_ids = TextColumn::new(length, columns.next().unwrap(), "user_id")?;
+    let (time_offset, time_buffers) = columns.next().unwrap();
+    if time_buffers
+        .first()
+        .is_some_and(|validity| validity.is_some())
+    {
+        return Err(PyValueError::new_err("event times must not be null"));
+    }
+    let time_data = buffer(
+        *time_buffers.get(1).unwrap_or(&None),
+        (time_offset + length) * 8,
+        "timestamp",
+    )?;
+    let mut by_shard: Vec<SessionEvents> = vec![SessionEvents::default(); shards as usize];
+    for row in 0..length {
+        let Some(session_id) = session_ids.get(row)? else {
+            continue;
+        };
+        let events = &mut by_shard[(crc32fast::hash(session_id.as_bytes()) % shards) as usize];
+        let i = time_offset + row;
+        events.session_ids.push(Some(session_id));
+        events.tenants.push(tenants.get(row)?);
+        events.user_ids.push(user_ids.get(row)?);
+        events.times.push(i64::from_le_bytes(
+            time_data[i * 8..i * 8 + 8].try_into().unwrap(),
+        ));
+    }
+    Ok((0..shards)
+        .zip(by_shard)
+        .filter(|(_, events)| !events.times.is_empty())
+        .collect())
+}
+
+/// One session (or, for a session id that came back after the gap, one of its sessions).
+#[derive(Clone)]
+struct Segment {
+    tenant: Arc<str>,
+    user_id: Option<Box<str>>,
+    start: i64,
+    end: i64,
+    count: i64,
+    revision: i64, // -1: not emitted yet
+    dirty: bool,   // changed since it was last emitted
+}
+
+type Tuple = (String, Option<String>, i64, i64, i64, i64, bool);
+
+impl Segment {
+    fn new(tenant: Arc<str>, user_id: Option<&str>, start: i64, end: i64, count: i64) -> Self {
+        let user_id = user_id.map(Box::from);
+        Segment {
+            tenant,
+            user_id,
+            start,
+            end,
+            count,
+            revision: -1,
+            dirty: true,
+        }
+    }
+
+    fn tuple(&self) -> Tuple {
+        let user_id = self.user_id.as_deref().map(String::from);
+        let (start, end, count, revision) = (self.start, self.end, self.count, self.revision);
+        (
+            self.tenant.to_string(),
+            user_id,
+            start,
+            end,
+            count,
+            revision,
+            self.dirty,
+        )
+    }
+
+    /// Fold a segment in if it comes within `gap` of this one (as `merge` would).
+    fn extend(
+        &mut self,
+        tenant: &Arc<str>,
+        user_id: Option<&str>,
+        other: (i64, i64, i64),
+        gap: i64,
+    ) -> bool {
+        let (start, end, count) = other;
+        if !(self.start - gap <= end && start <= self.end + gap) {
+            return false;
+        }
+        if self.start < start {
+            if self.user_id.is_none() {
+                self.user_id = user_id.map(Box::from);
+            }
+        } else {
+            self.tenant = tenant.clone();
+            if user_id.is_some() {
+                self.user_id = user_id.map(Box::from);
+            }
+            self.start = start;
+        }
+        self.end = self.end.max(end);
+        self.count += count;
+        self.dirty = true;
+        true
+    }
+}
+
+/// Fold into `new` the segments of `group` it comes within `gap` of; the segments kept.
+fn merge(group: Vec<Segment>, mut new: Segment, gap: i64) -> Vec<Segment> {
+    let mut kept = Vec::with_capacity(group.len() + 1);
+    for old in group {
+        if old.start - gap <= new.end && new.start <= old.end + gap {
+            if old.start < new.start {
+                new.tenant = old.tenant;
+                if old.user_id.is_some() {
+                    new.user_id = old.user_id;
+                }
+            } else if new.user_id.is_none() {
+                new.user_id = old.user_id;
+            }
+            new.start = new.start.min(old.start);
+            new.end = new.end.max(old.end);
+            new.count += old.count;
+            new.revision = new.revision.max(old.revision);
+        } else {
+            kept.push(old);
+        }
+    }
+    kept.push(new);
+    kept
+}
+
+/// The sessions of one shard by id, with when to look at each id again.
+#[pyclass(module = "pipeline_native")]
+pub struct SessionTable {
+    gap: i64,
+    retention: i64,
+    sessions: FxHashMap<Arc<str>, Vec<Segment>>,
+    // (when, session id): due no later than the id's next close or expiry; may be early.
+    deadlines: BinaryHeap<Reverse<(i64, Arc<str>)>>,
+    changed: FxHashSet<Arc<str>>,
+    tenants: FxHashSet<Arc<str>>,
+}
+
+impl SessionTable {
+    fn intern_tenant(&mut self, tenant: &str) -> Arc<str> {
+        if let Some(known) = self.tenants.get(tenant) {
+            return known.clone();
+        }
+        let tenant: Arc<str> = Arc::from(tenant);
+        self.tenants.insert(tenant.clone());
+        tenant
+    }
+
+    fn next_due(&self, group: &[Segment]) -> i64 {
+        let (gap, retention) = (self.gap, self.retention);
+        let due = |s: &Segment| {
+            if s.dirty {
+                s.end + gap
+            } else {
+                s.end + gap + retention
+            }
+        };
+        group.iter().map(due).min().expect("a group is never empty")
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn absorb_segment(
+        &mut self,
+        session_id: &str,
+        tenant: &str,
+        user_id: Option<&str>,
+        span: (i64, i64, i64),
+        past_retention: i64,
+        dropped: &mut i64,
+    ) {
+        let (start, end, count) = span;
+        if end <= past_retention {
+            *dropped += count; // ended by the horizon: closed too long ago
+            return;
+        }
+        let tenant = self.intern_tenant(tenant);
+        let gap = self.gap;
+        let key = match self.sessions.get_key_value(session_id) {
+            Some((key, _)) => key.clone(),
+            None => Arc::from(session_id),
+        };
+        self.changed.insert(key.clone());
+        let Some(group) = self.sessions.get_mut(&key) else {
+            let new = Segment::new(tenant, user_id, start, end, count);
+            self.sessions.insert(key.clone(), vec![new]);
+            self.deadlines.push(Reverse((end + gap, key)));
+            return;
+        };
+        let due = if group.len() == 1 && group[0].extend(&tenant, user_id, span, gap) {
+            if group[0].revision < 0 {
+                return; // still open: its entry is due no later than its new close
+            }
+            group[0].end + gap // a correction: its entry is one for expiry, too late
+        } else {
+            let new = Segment::new(tenant, user_id, start, end, count);
+            *group = merge(std::mem::take(group), new, gap);
+            group.last().unwrap().end + gap
+        };
+        self.deadlines.push(Reverse((due, key)));
+    }
+
+    fn row<'py>(py: Python<'py>, session_id: &str, s: &Segment) -> PyResult<Bound<'py, PyDict>> {
+        let row = PyDict::new(py);
+        row.set_item("tenant", &*s.tenant)?;
+        row.set_item("user_id", s.user_id.as_deref())?;
+        row.set_item("session_id", session_id)?;
+        row.set_item("start", iso(s.start)?)?;
+        row.set_item("end", iso(s.end)?)?;
+        row.set_item("duration_s", (s.end - s.start) as f64 / 1000.0)?;
+        row.set_item("event_count", s.count)?;
+        row.set_item("revision", s.revision)?;
+        Ok(row)
+    }
+}
+
+fn iso(ms: i64) -> PyResult<String> {
+    let mut quoted = Vec::with_capacity(26);
+    write_iso_millis(ms, &mut quoted)?;
+    Ok(String::from_utf8_lossy(&quoted[1..quoted.len() - 1]).into_owned())
+}
+
+#[pymethods]
+impl SessionTable {
+    #[new]
+    fn new(gap_ms: i64, retention_ms: i64) -> Self {
+        SessionTable {
+            gap: gap_ms,
+            retention: retention_ms,
+            sessions: FxHashMap::default(),
+            deadlines: BinaryHeap::new(),
+            changed: FxHashSet::default(),
+            tenants: FxHashSet::default(),
+        }
+    }
+
+    /// Fold a batch's events in; returns how many were dropped for ending by `past_retention`.
+    fn absorb(&mut self, events: &SessionEvents, past_retention: i64) -> PyResult<i64> {
+        // The events of each session id, stably sorted by time, cut where the gap is exceeded.
+        let mut by_session: FxHashMap<&str, Vec<usize>> = FxHashMap::default();
+        for i in 0..events.times.len() {
+            let session_id = events.session_ids.get(i).unwrap_or_default();
+            by_session.entry(session_id).or_default().push(i);
+        }
+        let times = &events.times;
+        let mut dropped = 0;
+        for (session_id, mut rows) in by_session {
+            rows.sort_by_key(|&i| times[i]);
+            let mut first = 0;
+            for k in 1..=rows.len() {
+                if k < rows.len() && times[rows[k]] - times[rows[k - 1]] <= self.gap {
+                    continue;
+                }
+                let segment = &rows[first..k];
+                let tenant = events.tenants.get(segment[0]).ok_or_else(|| {
+                    PyValueError::new_err(format!("session {session_id}: an event has no tenant"))
+                })?;
+                let user_id = segment.iter().find_map(|&i| events.user_ids.get(i));
+                let span = (times[segment[0]], times[rows[k - 1]], segment.len() as i64);
+                self.absorb_segment(
+                    session_id,
+                    tenant,
+                    user_id,
+                    span,
+                    past_retention,
+                    &mut dropped,
+                );
+                first = k;
+            }
+        }
+        Ok(dropped)
+    }
+
+    /// Rows of the sessions that closed (or changed after closing) by `watermark`, in the order
+    /// of their close, then session id; sessions that end by `horizon` are freed.
+    fn emit<'py>(
+        &mut self,
+        py: Python<'py>,
+        watermark: i64,
+        horizon: i64,
+    ) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        let mut closed: Vec<(i64, Arc<str>, Bound<'py, PyDict>)> = Vec::new();
+        let gap = self.gap;
+        while let Some(Reverse((when, _))) = self.deadlines.peek() {
+            if *when > watermark {
+                break;
+            }
+            let Reverse((_, session_id)) = self.deadlines.pop().unwrap();
+            let Some(group) = self.sessions.get_mut(&session_id) else {
+                continue;
+            };
+            let mut emitted = false;
+            for s in group.iter_mut() {
+                let closes_at = s.end + gap;
+                if s.dirty && closes_at <= watermark {
+                    s.revision += 1;
+                    s.dirty = false;
+                    closed.push((
+                        closes_at,
+                        session_id.clone(),
+                        SessionTable::row(py, &session_id, s)?,
+                    ));
+                    emitted = true;
+                }
+            }
+            let before = group.len();
+            group.retain(|s| s.end + gap > horizon);
+            let expired = group.len() < before;
+            if group.is_empty() {
+                self.sessions.remove(&session_id);
+            } else {
+                let due = self.next_due(&self.sessions[&session_id]);
+                self.deadlines.push(Reverse((due, session_id.clone())));
+            }
+            if emitted || expired {
+                self.changed.insert(session_id);
+            }
+        }
+        closed.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        Ok(closed.into_iter().map(|(_, _, row)| row).collect())
+    }
+
+    fn __len__(&self) -> usize {
+        self.sessions.len()
+    }
+
+    fn __contains__(&self, session_id: &str) -> bool {
+        self.sessions.contains_key(session_id)
+    }
+
+    /// The session ids written or deleted since the last call.
+    fn take_changed(&mut self) -> Vec<String> {
+        self.changed.drain().map(|key| key.to_string()).collect()
+    }
+
+    /// The sessions of `session_ids` as a snapshot chunk (see `_encode_groups`).
+    fn encode<'py>(
+        &self,
+        py: Python<'py>,
+        session_ids: Vec<String>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let groups: Vec<&Vec<Segment>> = session_ids
+            .iter()
+            .map(|id| {
+                self.sessions
+                    .get(id.as_str())
+                    .ok_or_else(|| PyValueError::new_err(format!("no session {id}")))
+            })
+            .collect::<PyResult<_>>()?;
+        let all: Vec<&Segment> = groups.iter().flat_map(|group| group.iter()).collect();
+        let segments = || all.iter();
+        let columns = PyDict::new(py);
+        columns.set_item("tenant", PyList::new(py, segments().map(|s| &*s.tenant))?)?;
+        columns.set_item(
+            "user_id",
+            PyList::new(py, segments().map(|s| s.user_id.as_deref()))?,
+        )?;
+        columns.set_item("start", PyList::new(py, segments().map(|s| s.start))?)?;
+        columns.set_item("end", PyList::new(py, segments().map(|s| s.end))?)?;
+        columns.set_item("count", PyList::new(py, segments().map(|s| s.count))?)?;
+        columns.set_item("revision", PyList::new(py, segments().map(|s| s.revision))?)?;
+        columns.set_item("dirty", PyList::new(py, segments().map(|s| s.dirty))?)?;
+        let chunk = PyDict::new(py);
+        chunk.set_item("session_ids", PyList::new(py, &session_ids)?)?;
+        chunk.set_item(
+            "segments_per_id",
+            PyList::new(py, groups.iter().map(|g| g.len()))?,
+        )?;
+        chunk.set_item("segments", columns)?;
+        Ok(chunk)
+    }
+
+    /// Replace the sessions by `entries` (session id, its segments as tuples of
+    /// (tenant, user_id, start, end, count, revision, dirty)); deadlines are derived, one per id.
+    fn load(&mut self, entries: Vec<(String, Vec<Tuple>)>) {
+        self.sessions.clear();
+        self.deadlines.clear();
+        for (session_id, group) in entries {
+            let group: Vec<Segment> = group
+                .into_iter()
+                .map(
+                    |(tenant, user_id, start, end, count, revision, dirty)| Segment {
+                        tenant: self.intern_tenant(&tenant),
+                        user_id: user_id.map(Box::from),
+                        start,
+                        end,
+                        count,
+                        revision,
+                        dirty,
+                    },
+                )
+                .collect();
+            if group.is_empty() {
+                continue;
+            }
+            let key: Arc<str> = Arc::from(session_id);
+            self.deadlines
+                .push(Reverse((self.next_due(&group), key.clone())));
+            self.sessions.insert(key, group);
+        }
+    }
+
+    /// Every session id with its segments as `load` takes them.
+    fn groups(&self) -> Vec<(String, Vec<Tuple>)> {
+        let groups = self.sessions.iter();
+        groups
+            .map(|(id, group)| (id.to_string(), group.iter().map(Segment::tuple).collect()))
+            .collect()
+    }
+
+    /// The deadline entries, in no particular order.
+    #[getter]
+    fn deadlines(&self) -> Vec<(i64, String)> {
+        self.deadlines
+            .iter()
+            .map(|Reverse((when, id))| (*when, id.to_string()))
+            .collect()
+    }
+}
