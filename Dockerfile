@@ -18,7 +18,7 @@
 # Pin by digest as well when the registry is mirrored: python:3.11.13-slim-bookworm@sha256:...
 ARG PYTHON_IMAGE=python:3.11.13-slim-bookworm
 
-# --- native: the compiled decoder (native/, Rust) as an abi3 wheel for CPython >= 3.11 --------
+# --- native: the compiled hot paths (native/, Rust) as an abi3 wheel for CPython >= 3.11 -----
 # Debian bookworm's python3 is 3.11, what the wheel is built against.
 FROM rust:1.95-bookworm AS native
 

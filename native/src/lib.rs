@@ -1,6 +1,7 @@
 //! Compiled hot paths of the pipeline, each with a Python specification it is tested against:
-//! contract validation (`operators/validate.py`, here) and the Kafka sink's JSON values
-//! (`connectors/kafka.py`, in `encode`).
+//! contract validation (`operators/validate.py`, here), the Kafka sink's JSON values
+//! (`connectors/kafka.py`, in `encode`) and the session table (`operators/sessions.py`, in
+//! `sessions`).
 //!
 //! `ContractDecoder.decode` takes a batch of raw record values and returns the rows of the records
 //! it accepts as Arrow-layout column buffers, plus the indices of the records it defers. It accepts
