@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, field
+from typing import Any
 
 import polars as pl
 
@@ -44,7 +45,8 @@ class ShardInput:
 
     partition: str
     watermark_ms: int
-    partials: list[tuple] | None = None  # rows of `window_partials` or `session_partials`
+    # what `window_partials` or `session_partials` made for the shard (rows, or session events)
+    partials: Any = None
 
 
 @dataclass(slots=True)
