@@ -577,6 +577,7 @@ def latency_phase(
     rate: int,
     seconds: float,
     processes: int,
+    epoch_s: int,
     logs: Path,
 ) -> dict:
     warm_records = partitions * 20
@@ -591,7 +592,7 @@ def latency_phase(
     jobs = [
         subprocess.Popen(
             [str(VENV_PY), "-m", "bench.launch", str(CACHE / f"latency-{i}.stats.json")]
-            + ["dataflows.main", "-s", "1", *cluster_args(i, addresses)],
+            + ["dataflows.main", "-s", str(epoch_s), *cluster_args(i, addresses)],
             cwd=ROOT,
             env={**env, "METRICS_PORT": str(free_port())},
             stdout=out,
@@ -669,7 +670,7 @@ def latency_phase(
         "rate_target": rate,
         "rate_achieved": round(achieved),
         "seconds": seconds,
-        "epoch_interval_s": 1,
+        "epoch_interval_s": epoch_s,
         "records_sent": sent,
         "records_out": watcher.count - warm,
         "records_measured": len(rows),
@@ -701,6 +702,12 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=2,
         help="latency phase: processes of the job (2: one per core of the bench machine)",
+    )
+    run.add_argument(
+        "--latency-epoch-s",
+        type=int,
+        default=1,
+        help="latency phase: epoch (snapshot and transaction) interval of the job, whole seconds",
     )
     run.add_argument(
         "--skip",
@@ -798,6 +805,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.rate,
                     args.latency_s,
                     args.latency_processes,
+                    args.latency_epoch_s,
                     logs,
                 )
             except Exception as exc:  # noqa: BLE001 - reported; the summary is still printed

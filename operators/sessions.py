@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import heapq
 import sys
+from array import array
 from dataclasses import astuple, dataclass, field
 from itertools import chain, islice
 from operator import attrgetter, itemgetter
@@ -36,6 +37,8 @@ from operators.windows import iso_ms
 try:  # the compiled table (native/, built by `make install`)
     import pipeline_native as compiled
 except ImportError:
+    compiled = None
+if not hasattr(compiled, "SessionTable"):  # not built, or built before it had one
     compiled = None
 
 # A segment as snapshots and `SessionTable.load` hold it: (tenant, user_id, start, end, count,
@@ -116,8 +119,41 @@ def _encode_groups(session_ids: list[str], table: Any) -> dict:
 
 
 def _decode_groups(chunk: dict) -> tuple[list[str], list[list[SegmentTuple]]]:
-    segments = iter(zip(*chunk["segments"].values(), strict=True))
-    return chunk["session_ids"], [list(islice(segments, n)) for n in chunk["segments_per_id"]]
+    """The session ids of a chunk and their segments; chunks of either table."""
+    if chunk.get("layout") == "packed":  # written by the compiled table
+        session_ids = _unpack_texts(chunk["session_ids"], chunk["session_id_lengths"])
+        columns = (
+            _unpack_texts(chunk["tenants"], chunk["tenant_lengths"]),
+            _unpack_texts(chunk["user_ids"], chunk["user_id_lengths"]),
+            *(_unpack_ints("q", chunk[name]) for name in ("start", "end", "count", "revision")),
+            [flag != 0 for flag in chunk["dirty"]],
+        )
+        per_id = _unpack_ints("I", chunk["segments_per_id"])
+    else:  # lists, as the Python table writes them
+        session_ids, columns = chunk["session_ids"], chunk["segments"].values()
+        per_id = chunk["segments_per_id"]
+    segments = iter(zip(*columns, strict=True))
+    return session_ids, [list(islice(segments, n)) for n in per_id]
+
+
+def _unpack_ints(typecode: str, data: bytes) -> list[int]:
+    values = array(typecode, data)  # little-endian in the chunk
+    if sys.byteorder == "big":
+        values.byteswap()
+    return values.tolist()
+
+
+def _unpack_texts(data: bytes, lengths: bytes) -> list[str | None]:
+    """Texts one after the other with their lengths (-1: None)."""
+    texts: list[str | None] = []
+    at = 0
+    for length in _unpack_ints("i", lengths):
+        if length < 0:
+            texts.append(None)
+        else:
+            texts.append(data[at : at + length].decode())
+            at += length
+    return texts
 
 
 def _new_log() -> SnapshotLog:

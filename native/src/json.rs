@@ -94,7 +94,8 @@ impl<'de> Visitor<'de> for JsonVisitor {
         Ok(Json::Arr(items))
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Json<'de>, A::Error> {
-        let mut members = Vec::new();
+        // most objects of an event have a few to a dozen members: no regrowing for them
+        let mut members = Vec::with_capacity(16);
         while let Some(Key(key)) = map.next_key()? {
             members.push((key, map.next_value()?));
         }

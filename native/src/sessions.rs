@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyList};
+use pyo3::types::{PyBytes, PyDict};
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::encode::{bit, buffer, write_iso_millis, RawBuffer};
@@ -254,6 +254,22 @@ pub fn session_events(
         .zip(by_shard)
         .filter(|(_, events)| !events.times.is_empty())
         .collect())
+}
+
+/// Texts one after the other, with their lengths as little-endian i32 (-1: None).
+#[derive(Default)]
+struct Packed {
+    data: Vec<u8>,
+    lengths: Vec<u8>,
+}
+
+impl Packed {
+    fn push(&mut self, text: Option<&str>) {
+        let length = text.map_or(-1, |text| text.len() as i32);
+        self.lengths.extend_from_slice(&length.to_le_bytes());
+        self.data
+            .extend_from_slice(text.unwrap_or_default().as_bytes());
+    }
 }
 
 /// One session (or, for a session id that came back after the gap, one of its sessions).
@@ -561,40 +577,53 @@ impl SessionTable {
         self.changed.drain().map(|key| key.to_string()).collect()
     }
 
-    /// The sessions of `session_ids` as a snapshot chunk (see `_encode_groups`).
+    /// The sessions of `session_ids` as a snapshot chunk in the packed layout: little-endian
+    /// columns as bytes (see `_unpack_groups` in `operators/sessions.py`), pickled at once.
     fn encode<'py>(
         &self,
         py: Python<'py>,
         session_ids: Vec<String>,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let groups: Vec<&Vec<Segment>> = session_ids
-            .iter()
-            .map(|id| {
-                self.sessions
-                    .get(id.as_str())
-                    .ok_or_else(|| PyValueError::new_err(format!("no session {id}")))
-            })
-            .collect::<PyResult<_>>()?;
-        let all: Vec<&Segment> = groups.iter().flat_map(|group| group.iter()).collect();
-        let segments = || all.iter();
-        let columns = PyDict::new(py);
-        columns.set_item("tenant", PyList::new(py, segments().map(|s| &*s.tenant))?)?;
-        columns.set_item(
-            "user_id",
-            PyList::new(py, segments().map(|s| s.user_id.as_deref()))?,
-        )?;
-        columns.set_item("start", PyList::new(py, segments().map(|s| s.start))?)?;
-        columns.set_item("end", PyList::new(py, segments().map(|s| s.end))?)?;
-        columns.set_item("count", PyList::new(py, segments().map(|s| s.count))?)?;
-        columns.set_item("revision", PyList::new(py, segments().map(|s| s.revision))?)?;
-        columns.set_item("dirty", PyList::new(py, segments().map(|s| s.dirty))?)?;
+        let mut ids = Packed::default();
+        let mut tenants = Packed::default();
+        let mut user_ids = Packed::default();
+        let (mut per_id, mut dirty) = (Vec::new(), Vec::new());
+        let [mut start, mut end, mut count, mut revision] = [(); 4].map(|_| Vec::new());
+        for id in &session_ids {
+            let group = self
+                .sessions
+                .get(id.as_str())
+                .ok_or_else(|| PyValueError::new_err(format!("no session {id}")))?;
+            ids.push(Some(id));
+            per_id.extend_from_slice(&(group.len() as u32).to_le_bytes());
+            for s in group {
+                tenants.push(Some(&s.tenant));
+                user_ids.push(s.user_id.as_deref());
+                start.extend_from_slice(&s.start.to_le_bytes());
+                end.extend_from_slice(&s.end.to_le_bytes());
+                count.extend_from_slice(&s.count.to_le_bytes());
+                revision.extend_from_slice(&s.revision.to_le_bytes());
+                dirty.push(s.dirty as u8);
+            }
+        }
         let chunk = PyDict::new(py);
-        chunk.set_item("session_ids", PyList::new(py, &session_ids)?)?;
-        chunk.set_item(
-            "segments_per_id",
-            PyList::new(py, groups.iter().map(|g| g.len()))?,
-        )?;
-        chunk.set_item("segments", columns)?;
+        chunk.set_item("layout", "packed")?;
+        for (name, column) in [
+            ("session_ids", ids.data),
+            ("session_id_lengths", ids.lengths),
+            ("segments_per_id", per_id),
+            ("tenants", tenants.data),
+            ("tenant_lengths", tenants.lengths),
+            ("user_ids", user_ids.data),
+            ("user_id_lengths", user_ids.lengths),
+            ("start", start),
+            ("end", end),
+            ("count", count),
+            ("revision", revision),
+            ("dirty", dirty),
+        ] {
+            chunk.set_item(name, PyBytes::new(py, &column))?;
+        }
         Ok(chunk)
     }
 
