@@ -562,11 +562,14 @@ def percentiles(values: list[int]) -> dict:
 
 
 def live_lines(n: int, seed: int, seconds: float) -> list[bytes]:
-    """`n` events whose event time starts now and spans `seconds`, as live input has it (the
-    catch-up data spans hours of past event time; replaying it live would make most of it late)."""
+    """`n` events whose event time spans `seconds` from when they are ready to send, as live input
+    has it: the catch-up data spans hours of past event time, and events generated for an earlier
+    start would arrive behind the watermark (late)."""
     log(f"  [latency] generating {n:,} live events")
-    start_ms = int(time.time() * 1000)
-    return list(workload.generate(n, seed=seed, start=start_ms, span_s=seconds))
+    start = time.time() + n / 30_000  # generating takes about that long
+    lines = list(workload.generate(n, seed=seed, start=int(start * 1000), span_s=seconds))
+    time.sleep(max(0.0, start - time.time()))
+    return lines
 
 
 def latency_phase(
@@ -580,8 +583,14 @@ def latency_phase(
     epoch_s: int,
     logs: Path,
 ) -> dict:
-    warm_records = partitions * 20
-    lines = live_lines(warm_records + int(rate * seconds), seed, seconds)
+    # Warm-up: 40 minutes of past event time, so that windows and sessions close and late and bad
+    # records come along: every output stream's sink is built (a transactional producer each, set
+    # up when its first rows arrive) before the measured part.
+    warm = list(
+        workload.generate(
+            2000, seed=seed + 1, start=int(time.time() * 1000) - 2_700_000, span_s=2400
+        )
+    )
     prefix = f"bench.{run_id}.lat"
     topic_in = f"{prefix}.raw"
     create_topics(brokers, [topic_in], partitions)
@@ -606,23 +615,26 @@ def latency_phase(
     watcher.start()
     producer = fast_producer(brokers, **{"linger.ms": 5, "batch.size": 262_144})
     try:
-        # Warm up: a few records, until they come out (the job is then running and caught up).
         warm_until = time.time() + 120
-        for i in range(warm_records):
-            producer.produce(topic_in, lines[i], partition=i % partitions)
+        for i, line in enumerate(warm):
+            producer.produce(topic_in, line, partition=i % partitions)
         producer.flush(30)
-        while not watcher.count:
+        probe = Consumer({"bootstrap.servers": brokers, "group.id": f"{prefix}.probe"})
+        while min(high_watermarks(probe, f"{prefix}.{s}") for s in STREAMS) <= 0:
             if any(job.poll() is not None for job in jobs) or time.time() > warm_until:
                 raise RuntimeError(f"latency job did not start: see {logs / 'latency.log'}")
-            time.sleep(0.2)
-        warm = watcher.count
+            time.sleep(0.5)
+        probe.close()
+        time.sleep(2)  # the warm-up's last outputs
+        lines = live_lines(int(rate * seconds), seed, seconds)
+        warm_out = watcher.count
         log(f"  [latency] job ready; producing {rate:,}/s for {seconds:.0f} s")
         started = time.time()
         measure_from = int((started + min(5.0, seconds / 4)) * 1000)  # skip the first seconds
         tick = 0.01
         per_tick = rate * tick
         sent = 0
-        i = warm_records
+        i = 0
         next_report = started + 5
         while True:
             now = time.time()
@@ -643,13 +655,13 @@ def latency_phase(
                 rss = f" rss={sampler.samples[-1][2]:.0f}MB" if sampler.samples else ""
                 log(
                     f"  [latency] {now - started:4.0f}s sent={sent:,} "
-                    f"out={watcher.count - warm:,}{rss}"
+                    f"out={watcher.count - warm_out:,}{rss}"
                 )
             time.sleep(max(0.0, tick - (time.time() - now)) if per_tick else tick)
         producer.flush(30)
         achieved = sent / (time.time() - started)
         drain_until = time.time() + 30
-        while watcher.count - warm < sent * 0.98 and time.time() < drain_until:
+        while watcher.count - warm_out < sent * 0.98 and time.time() < drain_until:
             time.sleep(0.5)
         time.sleep(2)
     finally:
@@ -672,7 +684,7 @@ def latency_phase(
         "seconds": seconds,
         "epoch_interval_s": epoch_s,
         "records_sent": sent,
-        "records_out": watcher.count - warm,
+        "records_out": watcher.count - warm_out,
         "records_measured": len(rows),
         "sink_ms": percentiles([ts - ing for ts, _, ing in rows]),
         "visible_ms": percentiles([seen - ing for _, seen, ing in rows]),

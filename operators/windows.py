@@ -98,12 +98,22 @@ def _pack(users: set[str]) -> set[str] | str:
     return packed if packed.count(_SEPARATOR) == len(users) + 1 else users
 
 
+# Up to this many users are added to packed text by searching it for each (cheaper than a set of
+# a large cell's users); more are added through one set of the packed users (a burst of late
+# events into a large closed window would otherwise search and copy the text once per user).
+_SEARCHED_ADDS = 64
+
+
 def _add_packed(users: str, more: list[str]) -> set[str] | str:
-    """Packed `users` with `more` added in place of unpacking them (late events are few, cells
-    can be large); a set again if a new user id contains the separator."""
+    """Packed `users` with `more` added, packed too; a set again if a new user id contains the
+    separator."""
+    if any(_SEPARATOR in user for user in more):
+        return {*users.split(_SEPARATOR)[1:-1], *more}
+    if len(more) > _SEARCHED_ADDS:
+        held = set(users.split(_SEPARATOR)[1:-1])
+        new = [user for user in dict.fromkeys(more) if user not in held]
+        return users + "".join(f"{user}{_SEPARATOR}" for user in new)
     for user in more:
-        if _SEPARATOR in user:
-            return {*users.split(_SEPARATOR)[1:-1], *more}
         if f"{_SEPARATOR}{user}{_SEPARATOR}" not in users:
             users += f"{user}{_SEPARATOR}"
     return users

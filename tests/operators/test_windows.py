@@ -128,6 +128,25 @@ def test_emitted_cells_keep_users_packed_and_late_users_count_once():
     assert (row["unique_users"], cell.users) == (4, {"u1", "", "u2", "x\x00y"})
 
 
+def test_a_burst_of_late_users_into_a_closed_window_counts_each_once():
+    """More users than are searched for one by one: added through one set, same result."""
+    state = WindowState(retention_ms=86_400_000)
+    first = [("a", "click", T0 + 5, f"u{i}") for i in range(300)]
+    state.apply("p0", (T0 + 60) * 1000, one_shard(events(first)))
+    # 200 users, 100 of them new, each twice, and one more event of an old user
+    late = [("a", "click", T0 + 6, f"u{i}") for i in range(200, 400)] * 2
+    late.append(("a", "click", T0 + 7, "u0"))
+    (row,) = [
+        r
+        for r in state.apply("p0", (T0 + 60) * 1000, one_shard(events(late)))
+        if r["window"] == "1m"
+    ]
+    assert (row["count"], row["unique_users"], row["revision"]) == (701, 400, 1)
+    users = state.cells[("a", "click", "1m", T0 * 1000)].users
+    assert isinstance(users, str)
+    assert sorted(users.split("\x00")[1:-1]) == sorted(f"u{i}" for i in range(400))
+
+
 def test_an_open_cell_snapshots_its_users_by_extending_the_text_packed_before():
     key = ("a", "click", "1h", (T0 - T0 % 3600) * 1000)
     state = WindowState(retention_ms=86_400_000)
