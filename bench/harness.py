@@ -19,9 +19,10 @@ Phases (each on fresh topics and consumer groups named `bench.<run id>.*`):
    removed afterwards; the end is when the dataflow returned after the stores' last flush.
 4. **Scaling**: `ours` as 2 processes (`-i 0|1 -a host:port;host:port`), same topic.
 5. **Latency**: `ours` live as `--latency-processes` processes (no stop at end, epoch interval
-   `-s 1`) on a fresh topic while the harness produces at a steady `--rate` for `--latency-s`
-   seconds, events generated for it whose event time starts at the phase and moves with the wall
-   clock; end-to-sink latency = the Kafka timestamp of every 8th `enriched` output record − its
+   `-s --latency-epoch-s`) on a fresh topic. A warm-up of 40 minutes of past event time first
+   gets every output stream's sink built; then the harness produces at a steady `--rate` for
+   `--latency-s` seconds events generated for it whose event time starts when they are sent;
+   end-to-sink latency = the Kafka timestamp of every 8th `enriched` output record − its
    `ingested_at` (= the input record's Kafka timestamp); also the time it became visible to a
    read_committed consumer. The job is stopped with SIGINT afterwards.
 
