@@ -4,9 +4,10 @@ from datetime import UTC, datetime
 import polars as pl
 import pytest
 
+from operators.model import arrow_columns
 from operators.sessions import SessionState, python_session_partials, session_partials
 
-pytestmark = pytest.mark.usefixtures("session_engine")
+both_tables = pytest.mark.usefixtures("session_engine")
 
 T0 = 1_700_000_000
 GAP = 1800
@@ -55,6 +56,7 @@ def test_python_partials_split_a_session_at_gaps():
     ]
 
 
+@both_tables
 def test_session_closes_after_gap_of_event_time_and_frees_state():
     state = SessionState(gap_ms=GAP * 1000, retention_ms=0)
     assert state.apply("p0", T0 * 1000, partials([("s1", T0, "u"), ("s1", T0 + 60, "u")])) == []
@@ -75,6 +77,7 @@ def test_session_closes_after_gap_of_event_time_and_frees_state():
     assert len(state.table) == 0
 
 
+@both_tables
 def test_segments_from_different_batches_merge_within_gap():
     state = SessionState(gap_ms=GAP * 1000, retention_ms=0)
     state.apply("p0", T0 * 1000, partials([("s1", T0, "u")]))
@@ -83,6 +86,7 @@ def test_segments_from_different_batches_merge_within_gap():
     assert (row["event_count"], row["duration_s"], row["user_id"]) == (2, GAP, "u")
 
 
+@both_tables
 def test_late_event_revises_a_closed_session():
     state = SessionState(gap_ms=GAP * 1000, retention_ms=86_400_000)
     state.apply("p0", T0 * 1000, partials([("s1", T0, "u"), ("s1", T0 + 10, "u")]))
@@ -95,6 +99,7 @@ def test_late_event_revises_a_closed_session():
     assert len(state.table) == 0
 
 
+@both_tables
 def test_a_session_growing_batch_by_batch_keeps_one_deadline_and_closes_at_its_last_event():
     state = SessionState(gap_ms=GAP * 1000, retention_ms=86_400_000)
     for i in range(100):  # live input: one event per batch, the watermark following event time
@@ -108,6 +113,7 @@ def test_a_session_growing_batch_by_batch_keeps_one_deadline_and_closes_at_its_l
     assert state.apply("p0", (last + GAP + 3600) * 1000, None) == []
 
 
+@both_tables
 def test_an_event_within_the_gap_after_a_close_reopens_the_session_until_its_new_close():
     state = SessionState(gap_ms=GAP * 1000, retention_ms=86_400_000)
     state.apply("p0", T0 * 1000, partials([("s1", T0, "u")]))
@@ -120,6 +126,7 @@ def test_an_event_within_the_gap_after_a_close_reopens_the_session_until_its_new
     assert (second["event_count"], second["revision"], second["duration_s"]) == (2, 1, 100.0)
 
 
+@both_tables
 def test_a_pickled_state_keeps_every_segment_and_derives_its_deadlines():
     state = SessionState(gap_ms=GAP * 1000, retention_ms=86_400_000)
     state.apply("p0", T0 * 1000, partials([("s1", T0, "u"), ("sé✓", T0, None), ("s3", T0, "")]))
@@ -145,6 +152,7 @@ def test_a_pickled_state_keeps_every_segment_and_derives_its_deadlines():
     )
 
 
+@both_tables
 def test_every_segment_of_a_restored_session_id_expires_on_time():
     # Two closed sessions under one id: restored, the id has one deadline entry (the earlier
     # expiry); the later session must still be freed at its own expiry, not linger.
@@ -164,9 +172,8 @@ def test_every_segment_of_a_restored_session_id_expires_on_time():
         assert current.table.deadlines == []
 
 
-def test_compiled_session_events_cross_processes_as_pickles(session_engine):
-    if session_engine == "python":
-        pytest.skip("the compiled form only")
+@pytest.mark.usefixtures("compiled_sessions")
+def test_compiled_session_events_cross_processes_as_pickles():
     rows = [("s1", T0, "u"), ("sé✓", T0 + 1, None), ("s3", T0 + 2, ""), (None, T0, "x")]
     by_shard = session_partials(events(rows), GAP * 1000, 2)
     assert sum(len(e) for e in by_shard.values()) == 3  # the event without a session is left out
@@ -183,17 +190,12 @@ def test_compiled_session_events_cross_processes_as_pickles(session_engine):
             copy.__setstate__(state + b"\0")
 
 
-def test_compiled_session_events_refuse_columns_they_do_not_know(session_engine):
-    if session_engine == "python":
-        pytest.skip("the compiled form only")
-    from operators.model import arrow_columns
-    from operators.sessions import compiled
-
+def test_compiled_session_events_refuse_columns_they_do_not_know(compiled_sessions):
     frame = events([("s1", T0, "u")]).select(
         "session_id", "tenant", "user_id", pl.col("timestamp").dt.epoch("s")
     )
     _arrays, columns = arrow_columns(frame)
     with pytest.raises(ValueError, match="expected"):
-        compiled.session_events(1, columns[::-1], 1)
+        compiled_sessions.session_events(1, columns[::-1], 1)
     with pytest.raises(ValueError, match="shards"):
-        compiled.session_events(1, columns, 0)
+        compiled_sessions.session_events(1, columns, 0)

@@ -206,11 +206,10 @@ def test_a_state_resumes_in_the_other_session_table(session_engine, retention_ms
 
 
 @pytest.mark.parametrize("seed", range(5))
+@pytest.mark.usefixtures("compiled_sessions")
 def test_the_compiled_session_table_emits_what_the_python_one_does(seed, monkeypatch):
     """Step by step, on streams with ties in time (which event comes first decides a session's
-    tenant and user) and many shards."""
-    if sessions_module.compiled is None:
-        pytest.fail("the compiled module (native/) is not installed: run `make install`")
+    tenant and user) and several shards."""
     rng = random.Random(seed)
     batches = [
         batch.with_columns(
