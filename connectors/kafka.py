@@ -427,7 +427,7 @@ def _native_values(rows: pl.DataFrame) -> list[bytes] | None:
     """`_json_values` by the compiled encoder (`native/`); None where it cannot write them."""
     if _native_json_rows is None:
         return None
-    _arrays, columns = arrow_columns(rows)  # the arrays stay alive until written
+    _arrays, columns = arrow_columns(rows, string_views=True)  # alive until written
     try:
         return _native_json_rows(rows.height, columns)
     except ValueError:  # a column type (or a datetime) it does not write

@@ -175,11 +175,15 @@ def dlq_record(
 ArrowColumn = tuple[str, str, int, list[tuple[int, int] | None]]
 
 
-def arrow_columns(frame: pl.DataFrame) -> tuple[list[pa.Array], list[ArrowColumn]]:
-    """The columns of `frame` as Arrow arrays (strings as large_string) and, for compiled code
-    (`native/`), each as (name, Arrow type name, array offset, buffers as (address, size)). The
-    addresses are only valid while the arrays are alive: keep them until the call returns."""
-    table = frame.to_arrow(compat_level=pl.CompatLevel.oldest())
+def arrow_columns(
+    frame: pl.DataFrame, *, string_views: bool = False
+) -> tuple[list[pa.Array], list[ArrowColumn]]:
+    """The columns of `frame` as Arrow arrays and, for compiled code (`native/`), each as (name,
+    Arrow type name, array offset, buffers as (address, size)). Strings come as large_string, or
+    with `string_views` as polars holds them (string_view: no copy). The addresses are only valid
+    while the arrays are alive: keep them until the call returns."""
+    level = pl.CompatLevel.newest() if string_views else pl.CompatLevel.oldest()
+    table = frame.to_arrow(compat_level=level)
     arrays = [column.combine_chunks() for column in table.columns]
     columns = [
         (name, str(a.type), a.offset, [None if b is None else (b.address, b.size) for b in bufs])

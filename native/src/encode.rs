@@ -12,6 +12,7 @@ use crate::json::{escape, needs_escape, push_float};
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Text,
+    TextView, // Arrow's string_view: 16-byte views, short values inline, long ones in blocks
     Int(usize, bool), // width in bytes, signed
     Float32,
     Float64,
@@ -24,6 +25,7 @@ impl Kind {
     fn parse(name: &str) -> PyResult<Kind> {
         Ok(match name {
             "large_string" => Kind::Text,
+            "string_view" => Kind::TextView,
             "int8" => Kind::Int(1, true),
             "int16" => Kind::Int(2, true),
             "int32" => Kind::Int(4, true),
@@ -56,6 +58,7 @@ impl Kind {
             Kind::Int(width, _) => width,
             Kind::Float32 => 4,
             Kind::Float64 | Kind::Timestamp(_) => 8,
+            Kind::TextView => 16,
             Kind::Text | Kind::Bool | Kind::Null => 0,
         }
     }
@@ -69,9 +72,10 @@ struct Column<'a> {
     kind: Kind,
     offset: usize, // of the array into its buffers
     validity: Option<&'a [u8]>,
-    offsets: &'a [u8], // text: int64 offsets into `data`
-    data: &'a [u8],
-    plain: bool, // text: no value needs escaping (checked once over the whole column)
+    offsets: &'a [u8],     // text: int64 offsets into `data`
+    data: &'a [u8],        // text views: the views
+    blocks: Vec<&'a [u8]>, // text views: the data buffers long values point into
+    plain: bool,           // text: no value needs escaping (checked once over the whole column)
 }
 
 pub(crate) fn bit(bits: &[u8], i: usize) -> bool {
@@ -102,6 +106,7 @@ impl Column<'_> {
                     escape(text, out);
                 }
             }
+            Kind::TextView => escape(self.view(i)?, out),
             Kind::Int(1, true) => int(i8::from_le_bytes(le(self.data, i)), out),
             Kind::Int(2, true) => int(i16::from_le_bytes(le(self.data, i)), out),
             Kind::Int(4, true) => int(i32::from_le_bytes(le(self.data, i)), out),
@@ -120,6 +125,23 @@ impl Column<'_> {
             Kind::Null => unreachable!(),
         }
         Ok(())
+    }
+}
+
+impl<'a> Column<'a> {
+    /// The bytes of view `i`: inline up to 12 bytes, else (block, offset) into the blocks.
+    fn view(&self, i: usize) -> PyResult<&'a [u8]> {
+        let view: &'a [u8] = &self.data[i * 16..i * 16 + 16];
+        let length = u32::from_le_bytes(le(view, 0)) as usize;
+        if length <= 12 {
+            return Ok(&view[4..4 + length]);
+        }
+        let block = u32::from_le_bytes(le(view, 2)) as usize;
+        let start = u32::from_le_bytes(le(view, 3)) as usize;
+        self.blocks
+            .get(block)
+            .and_then(|data| data.get(start..start + length))
+            .ok_or_else(|| PyValueError::new_err("a string view points outside its buffers"))
     }
 }
 
@@ -229,6 +251,10 @@ pub fn json_rows<'py>(
                 &[][..],
                 buffer(*buffers.get(1).unwrap_or(&None), end.div_ceil(8), &name)?,
             ),
+            Kind::TextView => (
+                &[][..],
+                buffer(*buffers.get(1).unwrap_or(&None), end * 16, &name)?,
+            ),
             _ => (
                 &[][..],
                 buffer(*buffers.get(1).unwrap_or(&None), end * kind.width(), &name)?,
@@ -241,6 +267,13 @@ pub fn json_rows<'py>(
             let last = i64::from_le_bytes(le(offsets, end)) as usize;
             !needs_escape(&data[first..last])
         };
+        let blocks = match kind {
+            Kind::TextView => buffers[2.min(buffers.len())..]
+                .iter()
+                .map(|raw| buffer(*raw, 0, &name))
+                .collect::<PyResult<_>>()?,
+            _ => Vec::new(),
+        };
         parsed.push(Column {
             key,
             kind,
@@ -248,6 +281,7 @@ pub fn json_rows<'py>(
             validity,
             offsets,
             data,
+            blocks,
             plain,
         });
     }

@@ -12,7 +12,7 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 from connectors import kafka
 from dataflows.config import Settings
 from dataflows.outputs import KAFKA_FORMATS
-from operators.model import as_dicts
+from operators.model import arrow_columns, as_dicts
 from tests import chaos
 
 
@@ -216,6 +216,17 @@ def test_compiled_values_of_an_enriched_batch_are_exactly_orjson_of_as_dicts():
     # years past 9999 are left to the other paths
     beyond = pl.DataFrame({"at": pl.Series([253402300800000]).cast(pl.Datetime("ms", "UTC"))})
     assert kafka._native_values(beyond) is None
+
+
+def test_compiled_values_read_string_views_inline_and_in_several_data_buffers():
+    pytest.importorskip("pipeline_native")
+    first = pl.DataFrame({"s": [f"a long value number {i}, past 12 bytes" for i in range(900)]})
+    second = pl.DataFrame({"s": [f'a "quoted" one, ünï {i}' for i in range(900)] + ["é", None, ""]})
+    frame = pl.concat([first, second], rechunk=False)  # one array over several data buffers
+    _arrays, ((_, type_name, _, buffers),) = arrow_columns(frame, string_views=True)
+    assert (type_name, len(buffers) > 3) == ("string_view", True)
+    for rows in (frame, frame.slice(890, 20), frame.tail(3)):
+        assert kafka._native_values(rows) == [orjson.dumps(row) for row in as_dicts(rows)]
 
 
 def test_keys_and_identities_are_the_same_from_a_frame_dicts_and_read_back_values():
