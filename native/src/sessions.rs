@@ -18,6 +18,9 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use crate::encode::{bit, buffer, write_iso_millis, RawBuffer};
 
 /// Text values in one buffer; value `i` is `data[ends[i - 1]..ends[i]]`, None where not valid.
+/// Written as the data, then each value's length as a little-endian i32 (-1: None): the layout
+/// of `SessionEvents` pickles and of packed snapshot chunks (`_unpack_texts` in
+/// `operators/sessions.py`).
 #[derive(Default, Clone)]
 struct Texts {
     data: String,
@@ -39,13 +42,22 @@ impl Texts {
         self.valid[i].then(|| &self.data[start..self.ends[i]])
     }
 
+    /// Each value's length as a little-endian i32, -1 for None.
+    fn lengths(&self) -> Vec<u8> {
+        let mut lengths = Vec::with_capacity(self.ends.len() * 4);
+        let mut start = 0;
+        for (&end, &valid) in self.ends.iter().zip(&self.valid) {
+            let length = if valid { (end - start) as i32 } else { -1 };
+            lengths.extend_from_slice(&length.to_le_bytes());
+            start = end;
+        }
+        lengths
+    }
+
     fn write(&self, out: &mut Vec<u8>) {
         put(out, self.data.len() as u64);
         out.extend_from_slice(self.data.as_bytes());
-        for (&end, &valid) in self.ends.iter().zip(&self.valid) {
-            put(out, end as u64);
-            out.push(valid as u8);
-        }
+        out.extend_from_slice(&self.lengths());
     }
 
     fn read(input: &mut &[u8], n: usize) -> PyResult<Texts> {
@@ -57,16 +69,16 @@ impl Texts {
             ends: Vec::with_capacity(n),
             valid: Vec::with_capacity(n),
         };
-        let mut start = 0;
-        for _ in 0..n {
-            let end = take(input)? as usize;
-            let valid = bytes(input, 1)?[0] != 0;
-            if end < start || end > size || !texts.data.is_char_boundary(end) {
-                return Err(PyValueError::new_err("session events: bad text offsets"));
+        let mut end = 0;
+        for length in bytes(input, n.saturating_mul(4))?.chunks_exact(4) {
+            let length = i32::from_le_bytes(length.try_into().unwrap());
+            let valid = length >= 0;
+            end += length.max(0) as usize;
+            if length < -1 || end > size || !texts.data.is_char_boundary(end) {
+                return Err(PyValueError::new_err("session events: bad text lengths"));
             }
             texts.ends.push(end);
             texts.valid.push(valid);
-            start = end;
         }
         Ok(texts)
     }
@@ -256,22 +268,6 @@ pub fn session_events(
         .collect())
 }
 
-/// Texts one after the other, with their lengths as little-endian i32 (-1: None).
-#[derive(Default)]
-struct Packed {
-    data: Vec<u8>,
-    lengths: Vec<u8>,
-}
-
-impl Packed {
-    fn push(&mut self, text: Option<&str>) {
-        let length = text.map_or(-1, |text| text.len() as i32);
-        self.lengths.extend_from_slice(&length.to_le_bytes());
-        self.data
-            .extend_from_slice(text.unwrap_or_default().as_bytes());
-    }
-}
-
 /// One session (or, for a session id that came back after the gap, one of its sessions).
 #[derive(Clone)]
 struct Segment {
@@ -403,7 +399,6 @@ impl SessionTable {
         group.iter().map(due).min().expect("a group is never empty")
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn absorb_segment(
         &mut self,
         session_id: &str,
@@ -578,15 +573,15 @@ impl SessionTable {
     }
 
     /// The sessions of `session_ids` as a snapshot chunk in the packed layout: little-endian
-    /// columns as bytes (see `_unpack_groups` in `operators/sessions.py`), pickled at once.
+    /// columns as bytes (see `_decode_groups` in `operators/sessions.py`), pickled at once.
     fn encode<'py>(
         &self,
         py: Python<'py>,
         session_ids: Vec<String>,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let mut ids = Packed::default();
-        let mut tenants = Packed::default();
-        let mut user_ids = Packed::default();
+        let mut ids = Texts::default();
+        let mut tenants = Texts::default();
+        let mut user_ids = Texts::default();
         let (mut per_id, mut dirty) = (Vec::new(), Vec::new());
         let [mut start, mut end, mut count, mut revision] = [(); 4].map(|_| Vec::new());
         for id in &session_ids {
@@ -609,13 +604,13 @@ impl SessionTable {
         let chunk = PyDict::new(py);
         chunk.set_item("layout", "packed")?;
         for (name, column) in [
-            ("session_ids", ids.data),
-            ("session_id_lengths", ids.lengths),
+            ("session_id_lengths", ids.lengths()),
+            ("session_ids", ids.data.into_bytes()),
             ("segments_per_id", per_id),
-            ("tenants", tenants.data),
-            ("tenant_lengths", tenants.lengths),
-            ("user_ids", user_ids.data),
-            ("user_id_lengths", user_ids.lengths),
+            ("tenant_lengths", tenants.lengths()),
+            ("tenants", tenants.data.into_bytes()),
+            ("user_id_lengths", user_ids.lengths()),
+            ("user_ids", user_ids.data.into_bytes()),
             ("start", start),
             ("end", end),
             ("count", count),
