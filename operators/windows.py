@@ -104,13 +104,18 @@ def _pack(users: set[str]) -> set[str] | str:
 _SEARCHED_ADDS = 64
 
 
+def _unpack(users: str) -> list[str]:
+    """The user ids of packed text (see `_pack`)."""
+    return users.split(_SEPARATOR)[1:-1]
+
+
 def _add_packed(users: str, more: list[str]) -> set[str] | str:
     """Packed `users` with `more` added, packed too; a set again if a new user id contains the
     separator."""
     if any(_SEPARATOR in user for user in more):
-        return {*users.split(_SEPARATOR)[1:-1], *more}
+        return {*_unpack(users), *more}
     if len(more) > _SEARCHED_ADDS:
-        held = set(users.split(_SEPARATOR)[1:-1])
+        held = set(_unpack(users))
         new = [user for user in dict.fromkeys(more) if user not in held]
         return users + "".join(f"{user}{_SEPARATOR}" for user in new)
     for user in more:
@@ -177,7 +182,7 @@ def _decode_cells(chunk: dict) -> tuple[list[CellKey], list[Cell]]:
         chunk["counts"], chunk["users"], chunk["revisions"], strict=True
     ):
         if revision < 0 and isinstance(users, str):  # open: a set again, its packed text kept
-            cells.append(Cell(count, set(users.split(_SEPARATOR)[1:-1]), revision, users))
+            cells.append(Cell(count, set(_unpack(users)), revision, users))
         else:
             cells.append(Cell(count, users, revision))
     return chunk["keys"], cells
