@@ -45,6 +45,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -238,14 +239,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_job(job: Job, brokers: str, expected: int, logs: Path) -> dict:
-    """Run the job's processes to completion; events/s from the stats the processes wrote."""
+Processes = list[tuple[subprocess.Popen, IO[bytes]]]
+
+
+def start_processes(job: Job, logs: Path) -> Processes:
+    """Start the job's processes, each writing its output to `<logs>/<job name>-<i>.log`."""
     for path in job.stats:
         path.unlink(missing_ok=True)
     env = {**os.environ, **job.env}
     procs = []
     for i, command in enumerate(job.commands):
-        out = open(logs / f"{job.name}-{i}.log", "wb")  # noqa: SIM115 - closed below
+        out = open(logs / f"{job.name}-{i}.log", "wb")  # noqa: SIM115 - closed by stop_processes
         env_i = {**env, **(job.process_env[i] if job.process_env else {})}
         procs.append(
             (
@@ -255,6 +259,25 @@ def run_job(job: Job, brokers: str, expected: int, logs: Path) -> dict:
                 out,
             )
         )
+    return procs
+
+
+def stop_processes(procs: Processes, wait_s: float = 60) -> None:
+    """SIGINT to those still running, then wait for each (killed after `wait_s`)."""
+    for p, _ in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGINT)
+    for p, out in procs:
+        try:
+            p.wait(wait_s)
+        except subprocess.TimeoutExpired:
+            p.kill()
+        out.close()
+
+
+def run_job(job: Job, brokers: str, expected: int, logs: Path) -> dict:
+    """Run the job's processes to completion; events/s from the stats the processes wrote."""
+    procs = start_processes(job, logs)
     sampler = Sampler([p.pid for p, _ in procs])
     sampler.start()
     watcher = Consumer({"bootstrap.servers": brokers, "group.id": f"{job.name}.watch"})
@@ -275,14 +298,7 @@ def run_job(job: Job, brokers: str, expected: int, logs: Path) -> dict:
                     f" out={out_records:>10,} / {expected:,} in   rss={last[2]:.0f}MB"
                 )
     finally:
-        for p, out in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
-                try:
-                    p.wait(30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-            out.close()
+        stop_processes(procs)
         sampler.stop()
         watcher.close()
     codes = [p.returncode for p, _ in procs]
@@ -334,17 +350,6 @@ def ours_env(brokers: str, topic_in: str, prefix: str, *, stop_at_end: bool) -> 
     return env
 
 
-def cluster_addresses(processes: int) -> str | None:
-    """The `-a` of a job of several processes (None for one)."""
-    if processes == 1:
-        return None
-    return ";".join(f"127.0.0.1:{free_port()}" for _ in range(processes))
-
-
-def cluster_args(index: int, addresses: str | None) -> list[str]:
-    return [] if addresses is None else ["-i", str(index), "-a", addresses]
-
-
 def ours_job(
     name: str,
     brokers: str,
@@ -355,8 +360,9 @@ def ours_job(
     extra: list[str] = (),
     profile: Path | None = None,
     settings: dict[str, str] | None = None,
+    stop_at_end: bool = True,
 ) -> Job:
-    env = {**ours_env(brokers, topic_in, prefix, stop_at_end=True), **(settings or {})}
+    env = {**ours_env(brokers, topic_in, prefix, stop_at_end=stop_at_end), **(settings or {})}
     stats = [CACHE / f"{name}-{i}.stats.json" for i in range(processes)]
     base = [str(VENV_PY), "-m", "bench.launch"]
     if profile is not None:  # py-spy's collapsed stacks ("raw"), 100 samples/s
@@ -373,11 +379,14 @@ def ours_job(
             "--",
             *base,
         ]
-    addresses = cluster_addresses(processes)
-    commands = [
-        [*base, str(stats[i]), "dataflows.main", *cluster_args(i, addresses), *extra]
-        for i in range(processes)
-    ]
+    if processes == 1:
+        commands = [[*base, str(stats[0]), "dataflows.main", *extra]]
+    else:
+        addresses = ";".join(f"127.0.0.1:{free_port()}" for _ in range(processes))
+        commands = [
+            [*base, str(stats[i]), "dataflows.main", "-i", str(i), "-a", addresses, *extra]
+            for i in range(processes)
+        ]
     job = Job(name, commands, env, stats, f"{prefix}.enriched")
     # each process serves its own metrics port
     job.process_env = [{"METRICS_PORT": str(free_port())} for _ in range(processes)]
@@ -596,21 +605,19 @@ def latency_phase(
     topic_in = f"{prefix}.raw"
     create_topics(brokers, [topic_in], partitions)
     create_topics(brokers, [f"{prefix}.{s}" for s in STREAMS], partitions)
-    env = {**os.environ, **ours_env(brokers, topic_in, prefix, stop_at_end=False)}
-    addresses = cluster_addresses(processes)
-    out = open(logs / "latency.log", "wb")  # noqa: SIM115
-    jobs = [
-        subprocess.Popen(
-            [str(VENV_PY), "-m", "bench.launch", str(CACHE / f"latency-{i}.stats.json")]
-            + ["dataflows.main", "-s", str(epoch_s), *cluster_args(i, addresses)],
-            cwd=ROOT,
-            env={**env, "METRICS_PORT": str(free_port())},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-        for i in range(processes)
-    ]
-    sampler = Sampler([job.pid for job in jobs])
+    job = ours_job(
+        "latency",
+        brokers,
+        topic_in,
+        prefix,
+        processes,
+        extra=["-s", str(epoch_s)],
+        stop_at_end=False,
+    )
+    procs = start_processes(job, logs)
+    jobs = [p for p, _ in procs]
+    job_logs = logs / "latency-*.log"
+    sampler = Sampler([p.pid for p in jobs])
     sampler.start()
     watcher = OutputWatcher(brokers, f"{prefix}.enriched", partitions)
     watcher.start()
@@ -622,8 +629,8 @@ def latency_phase(
         producer.flush(30)
         probe = Consumer({"bootstrap.servers": brokers, "group.id": f"{prefix}.probe"})
         while min(high_watermarks(probe, f"{prefix}.{s}") for s in STREAMS) <= 0:
-            if any(job.poll() is not None for job in jobs) or time.time() > warm_until:
-                raise RuntimeError(f"latency job did not start: see {logs / 'latency.log'}")
+            if any(p.poll() is not None for p in jobs) or time.time() > warm_until:
+                raise RuntimeError(f"latency job did not start: see {job_logs}")
             time.sleep(0.5)
         probe.close()
         time.sleep(2)  # the warm-up's last outputs
@@ -666,15 +673,7 @@ def latency_phase(
             time.sleep(0.5)
         time.sleep(2)
     finally:
-        for job in jobs:
-            if job.poll() is None:
-                job.send_signal(signal.SIGINT)
-        for job in jobs:
-            try:
-                job.wait(60)
-            except subprocess.TimeoutExpired:
-                job.kill()
-        out.close()
+        stop_processes(procs)
         watcher.stop()
         sampler.stop()
     rows = [r for r in watcher.rows if r[2] >= measure_from]
