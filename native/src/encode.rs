@@ -7,12 +7,11 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
-use crate::json::{escape, needs_escape, push_float};
+use crate::json::{escape, push_float};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
-    Text,
-    TextView, // Arrow's string_view: 16-byte views, short values inline, long ones in blocks
+    TextView, // Arrow's string_view (polars' own layout): 16-byte views, long values in blocks
     Int(usize, bool), // width in bytes, signed
     Float32,
     Float64,
@@ -24,7 +23,6 @@ enum Kind {
 impl Kind {
     fn parse(name: &str) -> PyResult<Kind> {
         Ok(match name {
-            "large_string" => Kind::Text,
             "string_view" => Kind::TextView,
             "int8" => Kind::Int(1, true),
             "int16" => Kind::Int(2, true),
@@ -52,14 +50,14 @@ impl Kind {
         })
     }
 
-    /// Bytes per value in the values buffer (0: bit-packed or variable).
+    /// Bytes per value in the values buffer (0: bit-packed, or none).
     fn width(self) -> usize {
         match self {
             Kind::Int(width, _) => width,
             Kind::Float32 => 4,
             Kind::Float64 | Kind::Timestamp(_) => 8,
             Kind::TextView => 16,
-            Kind::Text | Kind::Bool | Kind::Null => 0,
+            Kind::Bool | Kind::Null => 0,
         }
     }
 }
@@ -72,10 +70,8 @@ struct Column<'a> {
     kind: Kind,
     offset: usize, // of the array into its buffers
     validity: Option<&'a [u8]>,
-    offsets: &'a [u8],     // text: int64 offsets into `data`
-    data: &'a [u8],        // text views: the views
-    blocks: Vec<&'a [u8]>, // text views: the data buffers long values point into
-    plain: bool,           // text: no value needs escaping (checked once over the whole column)
+    data: &'a [u8],        // text: the views
+    blocks: Vec<&'a [u8]>, // text: the data buffers long values point into
 }
 
 pub(crate) fn bit(bits: &[u8], i: usize) -> bool {
@@ -94,18 +90,6 @@ impl Column<'_> {
             return Ok(());
         }
         match self.kind {
-            Kind::Text => {
-                let start = i64::from_le_bytes(le(self.offsets, i)) as usize;
-                let end = i64::from_le_bytes(le(self.offsets, i + 1)) as usize;
-                let text = &self.data[start..end];
-                if self.plain {
-                    out.push(b'"');
-                    out.extend_from_slice(text);
-                    out.push(b'"');
-                } else {
-                    escape(text, out);
-                }
-            }
             Kind::TextView => escape(self.view(i)?, out),
             Kind::Int(1, true) => int(i8::from_le_bytes(le(self.data, i)), out),
             Kind::Int(2, true) => int(i16::from_le_bytes(le(self.data, i)), out),
@@ -237,36 +221,12 @@ pub fn json_rows<'py>(
             }
             _ => None,
         };
-        let (offsets, data) = match kind {
-            Kind::Null => (&[][..], &[][..]),
-            Kind::Text => {
-                let offsets = buffer(*buffers.get(1).unwrap_or(&None), (end + 1) * 8, &name)?;
-                let last = i64::from_le_bytes(le(offsets, end)) as usize;
-                (
-                    offsets,
-                    buffer(*buffers.get(2).unwrap_or(&None), last, &name)?,
-                )
-            }
-            Kind::Bool => (
-                &[][..],
-                buffer(*buffers.get(1).unwrap_or(&None), end.div_ceil(8), &name)?,
-            ),
-            Kind::TextView => (
-                &[][..],
-                buffer(*buffers.get(1).unwrap_or(&None), end * 16, &name)?,
-            ),
-            _ => (
-                &[][..],
-                buffer(*buffers.get(1).unwrap_or(&None), end * kind.width(), &name)?,
-            ),
+        let data = match kind {
+            Kind::Null => &[][..],
+            Kind::Bool => buffer(*buffers.get(1).unwrap_or(&None), end.div_ceil(8), &name)?,
+            _ => buffer(*buffers.get(1).unwrap_or(&None), end * kind.width(), &name)?,
         };
-        // Arrow text is UTF-8 (pyarrow and polars check it); the values of this array lie
-        // between its first and last offset
-        let plain = kind != Kind::Text || {
-            let first = i64::from_le_bytes(le(offsets, offset)) as usize;
-            let last = i64::from_le_bytes(le(offsets, end)) as usize;
-            !needs_escape(&data[first..last])
-        };
+        // Arrow text is UTF-8 (pyarrow and polars check it)
         let blocks = match kind {
             Kind::TextView => buffers[2.min(buffers.len())..]
                 .iter()
@@ -279,10 +239,8 @@ pub fn json_rows<'py>(
             kind,
             offset,
             validity,
-            offsets,
             data,
             blocks,
-            plain,
         });
     }
     let mut rows = Vec::with_capacity(length);

@@ -145,11 +145,6 @@ const fn escaped_bytes() -> [bool; 256] {
 
 static ESCAPED: [bool; 256] = escaped_bytes();
 
-/// Whether any byte of `text` would be escaped.
-pub fn needs_escape(text: &[u8]) -> bool {
-    text.iter().any(|&b| ESCAPED[b as usize])
-}
-
 /// UTF-8 `text` as a JSON string, escaped as orjson does (`\\n` and friends, else `\\u00xx`;
 /// nothing else).
 pub fn escape(text: &[u8], out: &mut Vec<u8>) {
