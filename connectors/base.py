@@ -15,7 +15,8 @@ Everything else lives here, once:
 
 * `StoreSink` is a Bytewax `FixedPartitionedSink` with a fixed set of partitions
   (`part-000`..), one store writer per partition. Items are `(key, batch)`; the key picks the
-  partition (`shard-NNN` keys map to partition NNN, any other key by CRC32).
+  partition (`operators.placement.sink_part`: shard or source partition number `n` maps to
+  partition `n % parts`, so a source partition's stream is written on the worker that reads it).
 * Each partition buffers batches and flushes when it holds `max_batch_rows` rows, when the oldest
   buffered row is `linger_s` old (checked when items arrive), at every epoch (`snapshot()`), and at
   the end of input (`close()`). So everything handed over before a checkpoint is written before
@@ -44,7 +45,6 @@ import random
 import re
 import threading
 import time
-import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -60,6 +60,7 @@ from dataflows import metrics as pipeline_metrics
 from dataflows.config import Settings
 from dataflows.metrics import Metrics, NoopMetrics
 from operators.model import DlqReason, dlq_record
+from operators.placement import sink_part
 
 log = logging.getLogger("connectors.sink")
 
@@ -614,7 +615,6 @@ def _epoch_s(value: object) -> float | None:
 
 
 _SETUP_LOCK = threading.Lock()
-_SHARD_KEY = re.compile(r"^shard-(\d+)$")
 
 
 class StoreSink(FixedPartitionedSink[Batch, None]):
@@ -649,8 +649,7 @@ class StoreSink(FixedPartitionedSink[Batch, None]):
         return [f"part-{i:03d}" for i in range(self._parts)]
 
     def part_fn(self, item_key: str) -> int:
-        match = _SHARD_KEY.match(item_key)
-        return int(match.group(1)) if match else zlib.crc32(item_key.encode())
+        return sink_part(item_key)
 
     def build_part(self, step_id: str, for_part: str, resume_state: None) -> _StorePartition:
         metrics = self._metrics or pipeline_metrics.get()

@@ -35,6 +35,7 @@ from connectors.base import TransientSinkError, oldest_ingested_at
 from dataflows import metrics
 from dataflows.config import Settings
 from operators.model import ISO_MS_FORMAT, PolledRecords, RawBatch, arrow_columns, as_dicts
+from operators.placement import sink_part
 
 try:  # the compiled encoder (native/, built by `make install`); see `_json_values`
     from pipeline_native import json_rows as _native_json_rows
@@ -892,6 +893,9 @@ class KafkaStreamSink(FixedPartitionedSink[Rows, SinkState]):
             f"create {self._topic}",
         )
         return [f"{self._stream}-{i}" for i in range(self._parts)]
+
+    def part_fn(self, item_key: str) -> int:
+        return sink_part(item_key)  # a source partition's output stays on its worker
 
     def build_part(self, step_id: str, for_part: str, resume_state: SinkState | None):
         transactional_id = f"{self._settings.kafka_consumer_group}.{for_part}"

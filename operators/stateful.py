@@ -23,6 +23,7 @@ from bytewax.operators import StatefulBatchLogic
 from dataflows import metrics
 from operators.event_time import END_WATERMARK, NO_WATERMARK, ClockState, PartitionClock
 from operators.model import EventBatch
+from operators.placement import colocated_key
 from operators.sessions import session_partials
 from operators.sharding import ShardInput, shard_key
 from operators.windows import window_partials
@@ -121,11 +122,16 @@ def _select(tag: str):
 
 @operator
 def event_time_gate(step_id: str, up: Stream[EventBatch], config: GateConfig) -> GateOut:
-    """Mark late events and send each shard its partials plus the partition's watermark."""
-    keyed = op.key_on("by_partition", up, lambda batch: batch.partition)
+    """Mark late events and send each shard its partials plus the partition's watermark.
+
+    The clock of a partition runs on the worker that reads the partition (`colocated_key`), so a
+    batch's frame is not sent to another process to be looked at. (The step was called `clock`
+    while it was keyed by the partition name; a recovery store from then resumes with fresh
+    clocks, see docs/runbook.md.)"""
+    keyed = op.key_on("by_partition", up, lambda batch: colocated_key(batch.partition))
     tagged = op.key_rm(
         "unkey",
-        op.stateful_batch("clock", keyed, lambda resume: _EventTimeLogic(config, resume)),
+        op.stateful_batch("partition_clock", keyed, lambda resume: _EventTimeLogic(config, resume)),
     )
     return GateOut(
         late=op.filter_map("late", tagged, _select("late")),

@@ -186,7 +186,7 @@ def test_inspect_a_finished_file_run(finished_store, events_file, capsys):
     assert windows["keys"] == Settings().pipeline_state_shards
     for entry in windows["at_resume"].values():
         assert entry["value"]["not_emitted"] == 0  # end of input emitted every window
-    clock = info["steps"]["event_pipeline.event_time.clock"]["at_resume"]
+    clock = info["steps"]["event_pipeline.event_time.partition_clock"]["at_resume"]
     assert clock[events_file.name]["value"]["partition"] == events_file.name
 
 
