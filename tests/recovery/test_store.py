@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
 from collections import Counter
+from contextlib import closing
 from datetime import timedelta
 from pathlib import Path
 
@@ -290,6 +292,34 @@ def test_rewind_to_an_epoch_then_resume_reproduces_the_run(kept_store, events_fi
     assert Counter((r["source"], r["reason"]) for r in after["dlq"]) == Counter(
         (r["source"], r["reason"]) for r in before["dlq"]
     )
+
+
+def test_a_store_from_before_the_placed_clocks_resumes(kept_store, events_file, tmp_path):
+    """The partition clocks' step was `event_time.clock` before they were placed; its snapshots
+    are left alone and the clocks start afresh (docs/runbook.md)."""
+    store_dir, original_out = kept_store
+    epoch = Store.open(store_dir).resume_epoch // 2
+    work, out = tmp_path / "store", tmp_path / "out"
+    shutil.copytree(store_dir, work)
+    shutil.copytree(original_out, out)
+    rewind_to_epoch(work, epoch, backup_dir=tmp_path / "backup")
+    renamed = 0
+    for part in sorted(work.glob("part-*.sqlite3")):
+        with closing(sqlite3.connect(part)) as db, db:
+            renamed += db.execute(
+                "UPDATE snaps SET step_id = 'event_pipeline.event_time.clock' "
+                "WHERE step_id = 'event_pipeline.event_time.partition_clock'"
+            ).rowcount
+    assert renamed > 0
+
+    run_flow(events_file, out, work, backup=timedelta(hours=1))
+
+    after, before = outputs(out), outputs(original_out)
+    ids = [r["event_id"] for r in after["enriched"]]
+    assert len(ids) == len(set(ids))
+    assert set(ids) == {r["event_id"] for r in before["enriched"]}
+    steps = describe(Store.open(work))["steps"]
+    assert "event_pipeline.event_time.partition_clock" in steps
 
 
 # --- a running job ---------------------------------------------------------------------------------
