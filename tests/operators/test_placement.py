@@ -63,7 +63,9 @@ def _placements(parts: list[str], keys: list[str], workers: int) -> dict:
     flow = Dataflow("placement")
     names = op.input("parts", flow, _Parts(parts, seen))
     # every key once, sent from the first partition's worker
-    keyed = op.flat_map("keys", names, lambda name: [(k, k) for k in keys] if name == parts[0] else [])
+    keyed = op.flat_map(
+        "keys", names, lambda name: [(k, k) for k in keys] if name == parts[0] else []
+    )
     op.inspect("done", op.stateful_batch("note", keyed, lambda resume: _NoteKey(seen)))
     cluster_main(flow, [], 0, worker_count_per_proc=workers)
     return seen
