@@ -15,8 +15,8 @@ Everything else lives here, once:
 
 * `StoreSink` is a Bytewax `FixedPartitionedSink` with a fixed set of partitions
   (`part-000`..), one store writer per partition. Items are `(key, batch)`; the key picks the
-  partition (`operators.placement.sink_part`: shard or source partition number `n` maps to
-  partition `n % parts`, so a source partition's stream is written on the worker that reads it).
+  partition (`operators.placement.sink_part`: the partition on the worker of the step that
+  emitted the items, so they are written without being handed to another process).
 * Each partition buffers batches and flushes when it holds `max_batch_rows` rows, when the oldest
   buffered row is `linger_s` old (checked when items arrive), at every epoch (`snapshot()`), and at
   the end of input (`close()`). So everything handed over before a checkpoint is written before

@@ -12,11 +12,11 @@ A batch read from Kafka partition `p` is pickled, sent to the other process and 
 its event-time gate or one of its sinks lives on a worker of another process (a tenth of a busy
 two-process job). So the gate is keyed by `colocated_key(partition)`, a key that Bytewax routes to
 worker `p % W` for every W dividing `ROUTING_MODULUS` (1-10, 12, 14, 15, 16, 18, 20, 21, 24, ...),
-without knowing W; and the sinks of streams keyed by source partition (or by shard) write through
-part `partition_number(key) % parts`, on worker `p % W` when W divides the number of parts.
+without knowing W; and a sink writes each item through the part on the worker of the step that
+emitted it (`sink_part`) when W also divides the number of parts.
 
-Both match where the source reads partition `p` while the topic's partition names sort in number
-order (up to 10 partitions; beyond, some partitions sit elsewhere, and more so with more
+The gate's worker is the one reading partition `p` while the topic's partition names sort in
+number order (up to 10 partitions; beyond, some partitions sit elsewhere, more so with more
 workers). Placement is only about speed: any key and any part give the same results.
 """
 
@@ -32,21 +32,31 @@ import pyarrow.compute as pc
 # 7!: divisible by every worker count up to 10 and by 12, 14, 15, 16, 18, 20, 21, 24, 28, 30, ...
 ROUTING_MODULUS = 5040
 
-_NUMBERED = re.compile(r"^(?:shard-|.+/)(\d+)$")  # `shard-NNN` or `<topic>/<partition>`
+_SOURCE_PARTITION = re.compile(r"^.+/(\d+)$")  # `<topic>/<partition>`
+_SHARD = re.compile(r"^shard-\d+$")  # `operators.sharding.shard_key`
 _NONCE_DIGITS = 6  # every candidate key `<partition>~NNNNNN` has the same length
 _NONCES_PER_ROUND = 4096  # candidates hashed at once; ROUTING_MODULUS tries are expected
 
 
 def partition_number(key: str) -> int | None:
-    """The number of a shard key (`shard-007`) or a source partition (`events.raw/7`)."""
-    match = _NUMBERED.match(key)
+    """The number of a source partition (`events.raw/7`: 7)."""
+    match = _SOURCE_PARTITION.match(key)
     return int(match.group(1)) if match else None
 
 
+@lru_cache(maxsize=4096)
 def sink_part(key: str) -> int:
-    """A sink's `part_fn`: a numbered key's number (so part `p % parts`), else its CRC32."""
+    """A sink's `part_fn` for items keyed by what emitted them: a value whose part (the value
+    modulo the parts) is on that step's worker whenever W divides both ROUTING_MODULUS and the
+    number of parts. A source partition's streams come from its worker (the map steps and its
+    clock, `colocated_key`): `p`. A shard's rows come from its state's worker, `route(shard)`:
+    the shard key's hash modulo ROUTING_MODULUS. Anything else: its CRC32."""
     number = partition_number(key)
-    return number if number is not None else zlib.crc32(key.encode())
+    if number is not None:
+        return number
+    if _SHARD.match(key):
+        return _siphash13([key.encode()])[0].as_py() % ROUTING_MODULUS
+    return zlib.crc32(key.encode())
 
 
 def route(key: str, workers: int) -> int:
@@ -60,7 +70,7 @@ def colocated_key(partition: str) -> str:
     routes to worker `p % W`: `<topic>/<p>~NNNNNN`, the first nonce that does. A name without a
     partition number stays as it is."""
     p = partition_number(partition)
-    if p is None or "/" not in partition:
+    if p is None:
         return partition
     target = pa.scalar(p % ROUTING_MODULUS, _U64)
     for start in range(0, 10**_NONCE_DIGITS, _NONCES_PER_ROUND):

@@ -113,11 +113,16 @@ def test_a_name_without_a_partition_number_is_its_own_key():
     assert colocated_key("shard-003") == "shard-003"  # not a source partition
 
 
-def test_sink_part_maps_numbered_keys_to_their_number():
-    assert partition_number("shard-007") == 7
+def test_sink_parts_are_on_the_worker_of_the_step_that_emits_the_items():
     assert partition_number("events.raw/12") == 12
     assert partition_number("a/b/3") == 3
     assert partition_number("events.raw") is None
-    assert [sink_part(f"events.raw/{p}") % 2 for p in range(4)] == [0, 1, 0, 1]
-    assert sink_part("shard-010") == 10
+    assert partition_number("shard-007") is None
+    parts = 4  # sink partitions; a multiple of the worker count
+    for workers in (1, 2, 4):
+        for p in range(12):  # a source partition's streams: where the partition is read (p % W)
+            assert sink_part(f"events.raw/{p}") % parts % workers == p % workers
+        for shard in range(8):  # a shard's rows: where the shard's state is
+            key = f"shard-{shard:03d}"
+            assert sink_part(key) % parts % workers == route(key, workers)
     assert sink_part("events.jsonl") == zlib.crc32(b"events.jsonl")
