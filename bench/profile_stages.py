@@ -3,7 +3,8 @@
 STACKS.txt is py-spy's collapsed output (`py-spy record --format raw`, written by
 `python -m bench run --profile`). Each sample is charged to the first stage whose marker appears
 in its stack; start-up (imports, building the dataflow, building the sink partitions) and idle
-threads (the metrics server) are left out of the percentages.
+threads (the metrics server, store write-ahead threads waiting for work) are left out of the
+percentages. Samples are per thread: a store's write-ahead thread runs beside the worker.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from collections import Counter
 
 # (stage, markers), first match wins
 STAGES = (
-    ("idle thread", ("serve_forever",)),
+    ("idle thread", ("serve_forever", "Queue.get (")),  # Queue.get: a write-ahead thread waiting
+    ("store writes (write-ahead threads)", ("_WriteAhead._run",)),
     ("start-up", ("_locate_dataflow", "build_part", "_find_and_load")),
     ("kafka sink: encode", ("_TransactionalPartition._records", "as_dicts")),
     ("kafka sink: produce", ("_TransactionalPartition._produce",)),
@@ -26,6 +28,7 @@ STAGES = (
     ("windows", ("WindowState",)),
     ("sessions", ("SessionState",)),
     ("state snapshots", ("_ShardLogic.snapshot", "snapshot")),
+    ("store sinks (in the worker)", ("_StorePartition",)),
 )
 
 
