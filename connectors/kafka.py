@@ -334,7 +334,8 @@ class KafkaBatchSource(FixedPartitionedSource[RawBatch, int]):
 # partition first reads back what was committed after `tail_from` (`ReplayLedger`, identities
 # recomputed from the record values) and skips those rows. Rows that carry a `revision` (windows,
 # sessions) can be re-emitted with other totals after a replay; they are compared by content and
-# re-numbered above what was committed, so revisions stay unique and increasing. The protocol is in docs/exactly-once.md.
+# re-numbered above what was committed, so revisions stay unique and increasing. The protocol is
+# in docs/exactly-once.md.
 
 Rows = pl.DataFrame | list[dict]
 # Producer settings of the stream sinks; a key set in KAFKA_CONFIG wins (e.g. compression.type

@@ -36,6 +36,7 @@ _SOURCE_PARTITION = re.compile(r"^.+/(\d+)$")  # `<topic>/<partition>`
 _SHARD = re.compile(r"^shard-\d+$")  # `operators.sharding.shard_key`
 _NONCE_DIGITS = 6  # every candidate key `<partition>~NNNNNN` has the same length
 _NONCES_PER_ROUND = 4096  # candidates hashed at once; ROUTING_MODULUS tries are expected
+_U64 = pa.uint64()
 
 
 def partition_number(key: str) -> int | None:
@@ -55,7 +56,7 @@ def sink_part(key: str) -> int:
     if number is not None:
         return number
     if _SHARD.match(key):
-        return _siphash13([key.encode()])[0].as_py() % ROUTING_MODULUS
+        return route(key, ROUTING_MODULUS)
     return zlib.crc32(key.encode())
 
 
@@ -81,9 +82,6 @@ def colocated_key(partition: str) -> str:
         if len(hits):
             return keys[hits[0].as_py()].decode()
     return partition  # not reached: no fit among a million nonces has probability e^-198
-
-
-_U64 = pa.uint64()
 
 
 def _modulo(values: pa.Array, divisor: int) -> pa.Array:
