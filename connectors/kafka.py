@@ -28,6 +28,7 @@ from confluent_kafka import (
     Message,
     Producer,
     TopicPartition,
+    cimpl,
 )
 from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
 
@@ -37,10 +38,11 @@ from dataflows.config import Settings
 from operators.model import ISO_MS_FORMAT, PolledRecords, RawBatch, arrow_columns, as_dicts
 from operators.placement import sink_part
 
-try:  # the compiled encoder (native/, built by `make install`); see `_json_values`
+try:  # the compiled encoder (native/, built by `make install`): `_json_values`, `record_writer`
+    from pipeline_native import Records, RecordWriter
     from pipeline_native import json_rows as _native_json_rows
 except ImportError:
-    _native_json_rows = None
+    _native_json_rows = RecordWriter = Records = None
 
 logger = logging.getLogger(__name__)
 
@@ -436,6 +438,34 @@ def _native_values(rows: pl.DataFrame) -> list[bytes] | None:
         return None
 
 
+def _native_records(fmt: StreamFormat, rows: pl.DataFrame) -> Records | None:
+    """The Kafka records of a frame, encoded by the compiled encoder (values as `_json_values`
+    writes them, keys as `fmt.keys` gives them); None where it cannot write them."""
+    if Records is None:
+        return None
+    _arrays, columns = arrow_columns(rows, string_views=True)  # alive until encoded
+    _key_arrays, (key_column,) = arrow_columns(
+        _evaluate(fmt.key, rows).to_frame(), string_views=True
+    )
+    try:
+        return Records(rows.height, columns, key_column)
+    except ValueError:  # a column type (or a datetime) it does not write
+        return None
+
+
+def record_writer(producer: Producer, config: dict[str, Any]) -> RecordWriter | None:
+    """The compiled writer of `Records` into `producer` (`native/src/producer.rs`), or None
+    without it (then records go through `Producer.produce`)."""
+    if RecordWriter is None:
+        return None
+    client_id = config.get("client.id", "rdkafka")  # librdkafka's default
+    try:
+        return RecordWriter(producer, cimpl.__file__, object.__basicsize__, client_id)
+    except RuntimeError as exc:
+        logger.warning("kafka: records go through Producer.produce: %s", exc)
+        return None
+
+
 def _fingerprint(row: dict) -> bytes:
     return orjson.dumps(
         {k: v for k, v in row.items() if k != "revision"}, option=orjson.OPT_SORT_KEYS
@@ -516,7 +546,9 @@ class _TransactionalPartition(StatefulSinkPartition[Rows, SinkState]):
         # reported when it commits.
         self._pending_rows = 0
         self._pending_oldest: float | None = None
-        self._producer = Producer(sink_producer_config(settings, transactional_id))
+        config = sink_producer_config(settings, transactional_id)
+        self._producer = Producer(config)
+        self._writer = record_writer(self._producer, config)
         self._producer.init_transactions(60)  # fences (and aborts) a predecessor's transaction
         self._open = False
         # Without a snapshot (a fresh store, or a crash before the first snapshot was persisted)
@@ -544,31 +576,41 @@ class _TransactionalPartition(StatefulSinkPartition[Rows, SinkState]):
             stamp = oldest_ingested_at(rows)
             if stamp is not None and (self._pending_oldest is None or stamp < self._pending_oldest):
                 self._pending_oldest = stamp
-            keys, values = self._records(rows)
-            self._produce(keys, values)
-            produced += len(values)
+            produced += self._write(rows)
         self._producer.poll(0)
         self._pending_rows += produced
         metrics.get().batch_size(f"kafka_{self._stream}", produced)
 
-    def _records(self, rows: Rows) -> tuple[list[bytes | None], list[bytes]]:
-        """Keys and values of the rows to write: all of them, unless a replay ledger is in force
-        (then rows already committed are dropped and revisioned ones may be re-numbered).
+    def _write(self, rows: Rows) -> int:
+        """Produces the rows to write: all of them, unless a replay ledger is in force (then rows
+        already committed are dropped and revisioned ones may be re-numbered). Returns how many.
 
-        A frame is encoded column-wise; dict rows, and frames whose revisions the ledger may
-        change, row by row. Either way a value is exactly `orjson.dumps` of the row of
-        `as_dicts(rows)`."""
+        A frame is encoded column-wise (by the compiled encoder straight into the producer, if
+        it can); dict rows, and frames whose revisions the ledger may change, row by row. Either
+        way a value is exactly `orjson.dumps` of the row of `as_dicts(rows)`."""
         fmt, ledger = self._format, self._ledger
         if isinstance(rows, pl.DataFrame) and not (fmt.revisioned and ledger.active):
             if ledger.active:
                 fresh = [row_id not in ledger.committed for row_id in fmt.identities(rows)]
                 rows = rows.filter(pl.Series(fresh, dtype=pl.Boolean))
-            return fmt.keys(rows), _json_values(rows)
-        rows = as_dicts(rows)
-        if ledger.active:
-            admitted = map(ledger.admit, fmt.identities(rows), rows)
-            rows = [row for row in admitted if row is not None]
-        return fmt.keys(rows), [orjson.dumps(row) for row in rows]
+            records = _native_records(fmt, rows) if self._writer is not None else None
+            if records is not None:
+                self._produce_records(records)
+                return len(records)
+            keys, values = fmt.keys(rows), _json_values(rows)
+        else:
+            rows = as_dicts(rows)
+            if ledger.active:
+                admitted = map(ledger.admit, fmt.identities(rows), rows)
+                rows = [row for row in admitted if row is not None]
+            keys, values = fmt.keys(rows), [orjson.dumps(row) for row in rows]
+        self._produce(keys, values)
+        return len(values)
+
+    def _produce_records(self, records: Records) -> None:
+        start = 0
+        while (start := self._writer.produce(self._topic, records, start)) < len(records):
+            self._producer.poll(0.1)  # local queue full: wait for the broker (backpressure)
 
     def _produce(self, keys: list[bytes | None], values: list[bytes]) -> None:
         # No delivery callback: a failed delivery fails the transaction's commit, and `tail_from`

@@ -200,58 +200,119 @@ pub(crate) fn buffer<'a>(raw: RawBuffer, needed: usize, what: &str) -> PyResult<
     Ok(unsafe { std::slice::from_raw_parts(address as *const u8, size) })
 }
 
-/// `length` rows of `columns` — (name, Arrow type name, array offset, buffers as pyarrow lists
-/// them) — as one JSON object each.
-#[pyfunction]
-pub fn json_rows<'py>(
-    py: Python<'py>,
-    length: usize,
-    columns: Vec<(String, String, usize, Vec<RawBuffer>)>,
-) -> PyResult<Vec<Bound<'py, PyBytes>>> {
-    let mut parsed = Vec::with_capacity(columns.len());
-    for (i, (name, type_name, offset, buffers)) in columns.into_iter().enumerate() {
-        let kind = Kind::parse(&type_name)?;
+/// A column of a frame as Python hands it over: (name, Arrow type name, array offset, buffers as
+/// pyarrow lists them).
+pub(crate) type ColumnSpec = (String, String, usize, Vec<RawBuffer>);
+
+/// JSON objects of the rows of a frame's columns.
+pub(crate) struct RowEncoder<'a> {
+    columns: Vec<Column<'a>>,
+}
+
+impl<'a> RowEncoder<'a> {
+    /// The encoder of `length` rows of `columns` (buffers checked to hold them).
+    pub(crate) fn new(length: usize, columns: Vec<ColumnSpec>) -> PyResult<RowEncoder<'a>> {
+        let mut parsed = Vec::with_capacity(columns.len());
+        for (i, (name, type_name, offset, buffers)) in columns.into_iter().enumerate() {
+            let mut key = Vec::from(if i == 0 { "{" } else { "," });
+            escape(name.as_bytes(), &mut key);
+            key.push(b':');
+            parsed.push(Column::new(
+                key, &name, &type_name, offset, length, &buffers,
+            )?);
+        }
+        Ok(RowEncoder { columns: parsed })
+    }
+
+    /// Row `row` as one JSON object, appended to `out`.
+    pub(crate) fn write(&self, row: usize, out: &mut Vec<u8>) -> PyResult<()> {
+        for column in &self.columns {
+            out.extend_from_slice(&column.key);
+            column.write(row, out)?;
+        }
+        out.extend_from_slice(if self.columns.is_empty() { b"{}" } else { b"}" });
+        Ok(())
+    }
+}
+
+/// The bytes of the values of a text column (string_view), None for a null: message keys.
+pub(crate) struct TextColumn<'a>(Column<'a>);
+
+impl<'a> TextColumn<'a> {
+    pub(crate) fn new(
+        length: usize,
+        (name, type_name, offset, buffers): ColumnSpec,
+    ) -> PyResult<Self> {
+        let column = Column::new(Vec::new(), &name, &type_name, offset, length, &buffers)?;
+        if column.kind != Kind::TextView {
+            return Err(PyValueError::new_err(format!(
+                "{name}: {type_name} is not string_view"
+            )));
+        }
+        Ok(TextColumn(column))
+    }
+
+    pub(crate) fn get(&self, row: usize) -> PyResult<Option<&'a [u8]>> {
+        let i = self.0.offset + row;
+        if self.0.validity.is_some_and(|v| !bit(v, i)) {
+            return Ok(None);
+        }
+        self.0.view(i).map(Some)
+    }
+}
+
+impl<'a> Column<'a> {
+    fn new(
+        key: Vec<u8>,
+        name: &str,
+        type_name: &str,
+        offset: usize,
+        length: usize,
+        buffers: &[RawBuffer],
+    ) -> PyResult<Column<'a>> {
+        let kind = Kind::parse(type_name)?;
         let end = offset + length;
-        let mut key = Vec::from(if i == 0 { "{" } else { "," });
-        escape(name.as_bytes(), &mut key);
-        key.push(b':');
         let validity = match buffers.first() {
-            Some(Some(_)) if kind != Kind::Null => {
-                Some(buffer(buffers[0], end.div_ceil(8), &name)?)
-            }
+            Some(Some(_)) if kind != Kind::Null => Some(buffer(buffers[0], end.div_ceil(8), name)?),
             _ => None,
         };
         let data = match kind {
             Kind::Null => &[][..],
-            Kind::Bool => buffer(*buffers.get(1).unwrap_or(&None), end.div_ceil(8), &name)?,
-            _ => buffer(*buffers.get(1).unwrap_or(&None), end * kind.width(), &name)?,
+            Kind::Bool => buffer(*buffers.get(1).unwrap_or(&None), end.div_ceil(8), name)?,
+            _ => buffer(*buffers.get(1).unwrap_or(&None), end * kind.width(), name)?,
         };
         // Arrow text is UTF-8 (pyarrow and polars check it)
         let blocks = match kind {
             Kind::TextView => buffers[2.min(buffers.len())..]
                 .iter()
-                .map(|raw| buffer(*raw, 0, &name))
+                .map(|raw| buffer(*raw, 0, name))
                 .collect::<PyResult<_>>()?,
             _ => Vec::new(),
         };
-        parsed.push(Column {
+        Ok(Column {
             key,
             kind,
             offset,
             validity,
             data,
             blocks,
-        });
+        })
     }
+}
+
+/// `length` rows of `columns` as one JSON object each.
+#[pyfunction]
+pub fn json_rows<'py>(
+    py: Python<'py>,
+    length: usize,
+    columns: Vec<ColumnSpec>,
+) -> PyResult<Vec<Bound<'py, PyBytes>>> {
+    let encoder = RowEncoder::new(length, columns)?;
     let mut rows = Vec::with_capacity(length);
     let mut out = Vec::with_capacity(1024);
     for row in 0..length {
         out.clear();
-        for column in &parsed {
-            out.extend_from_slice(&column.key);
-            column.write(row, &mut out)?;
-        }
-        out.extend_from_slice(if parsed.is_empty() { b"{}" } else { b"}" });
+        encoder.write(row, &mut out)?;
         rows.push(PyBytes::new(py, &out));
     }
     Ok(rows)

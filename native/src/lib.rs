@@ -19,6 +19,7 @@ use pyo3::types::{PyBytes, PyTuple};
 
 mod encode;
 mod json;
+mod producer;
 mod sessions;
 use json::{escape, push_float, Json};
 
@@ -628,6 +629,8 @@ fn parse_iso_millis(s: &str) -> Option<i64> {
 fn pipeline_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ContractDecoder>()?;
     m.add_function(wrap_pyfunction!(encode::json_rows, m)?)?;
+    m.add_class::<producer::Records>()?;
+    m.add_class::<producer::RecordWriter>()?;
     m.add_class::<sessions::SessionEvents>()?;
     m.add_class::<sessions::SessionTable>()?;
     m.add_function(wrap_pyfunction!(sessions::session_events, m)?)?;

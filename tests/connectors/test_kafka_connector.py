@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import orjson
 import polars as pl
 import pytest
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from connectors import kafka
 from dataflows.config import Settings
@@ -337,6 +337,74 @@ def test_a_start_without_snapshot_skips_what_the_first_commit_wrote(settings, un
     resumed.close()
     sources = Counter(row["source"] for _, _, row in chaos.read_topic(settings, topic))
     assert sources == Counter(f"events.raw/0/{i}" for i in range(30))
+
+
+def _raw_records(settings: Settings, topic: str) -> dict[int, list[tuple[bytes | None, bytes]]]:
+    """Per partition, the (key, value) of every committed record in offset order."""
+    reader = kafka.consumer(settings, group_id=f"{topic}.raw", **{"enable.partition.eof": True})
+    partitions = reader.list_topics(topic, timeout=10).topics[topic].partitions
+    records: dict[int, list[tuple[bytes | None, bytes]]] = {}
+    for message in kafka.read_to_end(reader, topic, dict.fromkeys(partitions, 0), timeout_s=1.0):
+        records.setdefault(message.partition(), []).append((message.key(), message.value()))
+    reader.close()
+    return records
+
+
+@pytest.mark.servers
+def test_the_compiled_writer_writes_what_produce_writes(settings, unique, monkeypatch):
+    pytest.importorskip("pipeline_native")
+    frame = _tricky_frame().with_columns(pl.col("text").alias("event_id"))  # one key is null
+    batches = [frame, frame.slice(2, 3)]
+    # A local queue of two records: the writer stops at the full queue and goes on after a poll.
+    tiny_queue = {**settings.kafka_config, "queue.buffering.max.messages": 2}
+    settings = settings.model_copy(update={"kafka_config": tiny_queue})
+    written = {}
+    for path in ("compiled", "produce"):
+        topic = f"{unique}.{path}"
+        kafka.ensure_topics(settings, [topic], partitions=3)
+        if path == "produce":
+            monkeypatch.setattr(kafka, "record_writer", lambda producer, config: None)
+        sink = _sink(settings, topic, f"{topic}-0", "enriched")
+        assert (sink._writer is not None) == (path == "compiled")
+        sink.write_batch(batches)
+        sink.close()
+        written[path] = _raw_records(settings, topic)
+    values = [orjson.dumps(row) for rows in batches for row in as_dicts(rows)]
+    keys = [None if t is None else t.encode() for rows in batches for t in rows["text"]]
+    for records in written.values():
+        assert Counter(r for partition in records.values() for r in partition) == Counter(
+            zip(keys, values, strict=True)
+        )
+    # A keyed record goes to the partition of its key's hash, in order (a keyless one anywhere).
+    keyed = {
+        path: [(p, k, v) for p, records in sorted(by_partition.items()) for k, v in records if k]
+        for path, by_partition in written.items()
+    }
+    assert keyed["compiled"] == keyed["produce"]
+
+
+def test_the_compiled_writer_takes_only_the_producer_handle_it_was_given():
+    pytest.importorskip("pipeline_native")
+    config = {"bootstrap.servers": "127.0.0.1:1", "client.id": "mine"}
+    producer = Producer(config)
+    assert kafka.record_writer(producer, config) is not None
+    assert kafka.record_writer(producer, {**config, "client.id": "another"}) is None
+    consumer = Consumer({**config, "group.id": "g"})
+    assert kafka.record_writer(consumer, config) is None
+    consumer.close()
+    with pytest.raises(RuntimeError, match="dlopen"):
+        kafka.RecordWriter(producer, "/nonexistent/librdkafka.so", object.__basicsize__, "mine")
+
+
+def test_a_record_the_producer_refuses_raises_a_kafka_error():
+    pytest.importorskip("pipeline_native")
+    config = {"bootstrap.servers": "127.0.0.1:1", "transactional.id": "never-initialised"}
+    producer = Producer(config)
+    writer = kafka.record_writer(producer, config)
+    records = kafka._native_records(KAFKA_FORMATS["enriched"], _events(0, 3))
+    with pytest.raises(KafkaException) as raised:  # a transactional producer outside a transaction
+        writer.produce("any", records, 0)
+    assert raised.value.args[0].code() == KafkaError._STATE
 
 
 def _window(count: int, revision: int) -> dict:
