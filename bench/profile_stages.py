@@ -17,7 +17,8 @@ STAGES = (
     ("idle thread", ("serve_forever", "Queue.get (")),  # Queue.get: a write-ahead thread waiting
     ("store writes (write-ahead threads)", ("_WriteAhead._run",)),
     ("start-up", ("_locate_dataflow", "build_part", "_find_and_load")),
-    ("kafka sink: encode", ("_TransactionalPartition._records", "as_dicts")),
+    ("kafka sink: encode", ("_json_values", "StreamFormat.keys", "as_dicts")),
+    ("kafka sink: encode and produce", ("_TransactionalPartition._write_frame",)),
     ("kafka sink: produce", ("_TransactionalPartition._produce",)),
     ("kafka sink: commit", ("_TransactionalPartition._commit", "_TransactionalPartition.close")),
     ("kafka sink: other", ("_TransactionalPartition.write_batch",)),

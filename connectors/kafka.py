@@ -39,10 +39,10 @@ from operators.model import ISO_MS_FORMAT, PolledRecords, RawBatch, arrow_column
 from operators.placement import sink_part
 
 try:  # the compiled encoder (native/, built by `make install`): `_json_values`, `record_writer`
-    from pipeline_native import Records, RecordWriter
+    from pipeline_native import RecordWriter
     from pipeline_native import json_rows as _native_json_rows
 except ImportError:
-    _native_json_rows = RecordWriter = Records = None
+    _native_json_rows = RecordWriter = None
 
 logger = logging.getLogger(__name__)
 
@@ -438,23 +438,8 @@ def _native_values(rows: pl.DataFrame) -> list[bytes] | None:
         return None
 
 
-def _native_records(fmt: StreamFormat, rows: pl.DataFrame) -> Records | None:
-    """The Kafka records of a frame, encoded by the compiled encoder (values as `_json_values`
-    writes them, keys as `fmt.keys` gives them); None where it cannot write them."""
-    if Records is None:
-        return None
-    _arrays, columns = arrow_columns(rows, string_views=True)  # alive until encoded
-    _key_arrays, (key_column,) = arrow_columns(
-        _evaluate(fmt.key, rows).to_frame(), string_views=True
-    )
-    try:
-        return Records(rows.height, columns, key_column)
-    except ValueError:  # a column type (or a datetime) it does not write
-        return None
-
-
 def record_writer(producer: Producer, config: dict[str, Any]) -> RecordWriter | None:
-    """The compiled writer of `Records` into `producer` (`native/src/producer.rs`), or None
+    """The compiled writer of frames into `producer` (`native/src/producer.rs`), or None
     without it (then records go through `Producer.produce`)."""
     if RecordWriter is None:
         return None
@@ -593,10 +578,8 @@ class _TransactionalPartition(StatefulSinkPartition[Rows, SinkState]):
             if ledger.active:
                 fresh = [row_id not in ledger.committed for row_id in fmt.identities(rows)]
                 rows = rows.filter(pl.Series(fresh, dtype=pl.Boolean))
-            records = _native_records(fmt, rows) if self._writer is not None else None
-            if records is not None:
-                self._produce_records(records)
-                return len(records)
+            if self._writer is not None and self._write_frame(rows):
+                return rows.height
             keys, values = fmt.keys(rows), _json_values(rows)
         else:
             rows = as_dicts(rows)
@@ -607,10 +590,21 @@ class _TransactionalPartition(StatefulSinkPartition[Rows, SinkState]):
         self._produce(keys, values)
         return len(values)
 
-    def _produce_records(self, records: Records) -> None:
-        start = 0
-        while (start := self._writer.produce(self._topic, records, start)) < len(records):
+    def _write_frame(self, rows: pl.DataFrame) -> bool:
+        """Produces a frame by the compiled writer; False (nothing produced) where it cannot
+        write a column's type or a value."""
+        _arrays, columns = arrow_columns(rows, string_views=True)  # alive while produced
+        keys = _evaluate(self._format.key, rows).to_frame()
+        _key_arrays, (key_column,) = arrow_columns(keys, string_views=True)
+        produce, length = self._writer.produce, rows.height
+        try:
+            start = produce(self._topic, length, columns, key_column)
+        except ValueError:  # checked before the first record: nothing was produced
+            return False
+        while start < length:
             self._producer.poll(0.1)  # local queue full: wait for the broker (backpressure)
+            start = produce(self._topic, length, columns, key_column, start)
+        return True
 
     def _produce(self, keys: list[bytes | None], values: list[bytes]) -> None:
         # No delivery callback: a failed delivery fails the transaction's commit, and `tail_from`

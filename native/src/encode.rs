@@ -224,6 +224,21 @@ impl<'a> RowEncoder<'a> {
         Ok(RowEncoder { columns: parsed })
     }
 
+    /// Fails as `write` would for one of the `length` rows, without writing any: a caller that
+    /// must not stop half-way checks first.
+    pub(crate) fn check(&self, length: usize) -> PyResult<()> {
+        let mut scratch = Vec::new();
+        for column in &self.columns {
+            if matches!(column.kind, Kind::TextView | Kind::Timestamp(_)) {
+                for row in 0..length {
+                    scratch.clear();
+                    column.write(row, &mut scratch)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Row `row` as one JSON object, appended to `out`.
     pub(crate) fn write(&self, row: usize, out: &mut Vec<u8>) -> PyResult<()> {
         for column in &self.columns {
@@ -249,7 +264,11 @@ impl<'a> TextColumn<'a> {
                 "{name}: {type_name} is not string_view"
             )));
         }
-        Ok(TextColumn(column))
+        let column = TextColumn(column);
+        for row in 0..length {
+            column.get(row)?; // every view within the buffers: `get` cannot fail later
+        }
+        Ok(column)
     }
 
     pub(crate) fn get(&self, row: usize) -> PyResult<Option<&'a [u8]>> {

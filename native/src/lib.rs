@@ -629,7 +629,6 @@ fn parse_iso_millis(s: &str) -> Option<i64> {
 fn pipeline_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ContractDecoder>()?;
     m.add_function(wrap_pyfunction!(encode::json_rows, m)?)?;
-    m.add_class::<producer::Records>()?;
     m.add_class::<producer::RecordWriter>()?;
     m.add_class::<sessions::SessionEvents>()?;
     m.add_class::<sessions::SessionTable>()?;

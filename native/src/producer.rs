@@ -140,67 +140,7 @@ fn last_dl_error() -> String {
         .into_owned()
 }
 
-/// The Kafka records (value, optional key) of a frame's rows, encoded before any is produced so
-/// that a row that cannot be encoded fails the batch before it is partly written.
-#[pyclass(frozen)]
-pub struct Records {
-    values: Vec<u8>,
-    value_ends: Vec<usize>,
-    keys: Vec<u8>,
-    key_ranges: Vec<Option<(usize, usize)>>, // None: no key
-}
-
-#[pymethods]
-impl Records {
-    /// `length` rows of `columns` as JSON values (as `json_rows` writes them), keyed by the text
-    /// column `keys` (a null: no key).
-    #[new]
-    #[pyo3(signature = (length, columns, keys=None))]
-    fn new(length: usize, columns: Vec<ColumnSpec>, keys: Option<ColumnSpec>) -> PyResult<Records> {
-        let encoder = RowEncoder::new(length, columns)?;
-        let mut values = Vec::with_capacity(length * 512);
-        let mut value_ends = Vec::with_capacity(length);
-        for row in 0..length {
-            encoder.write(row, &mut values)?;
-            value_ends.push(values.len());
-        }
-        let (mut key_bytes, mut key_ranges) = (Vec::new(), Vec::new());
-        if let Some(spec) = keys {
-            let column = TextColumn::new(length, spec)?;
-            key_ranges.reserve(length);
-            for row in 0..length {
-                key_ranges.push(column.get(row)?.map(|key| {
-                    key_bytes.extend_from_slice(key);
-                    (key_bytes.len() - key.len(), key_bytes.len())
-                }));
-            }
-        }
-        Ok(Records {
-            values,
-            value_ends,
-            keys: key_bytes,
-            key_ranges,
-        })
-    }
-
-    fn __len__(&self) -> usize {
-        self.value_ends.len()
-    }
-}
-
-impl Records {
-    fn value(&self, i: usize) -> &[u8] {
-        let start = if i == 0 { 0 } else { self.value_ends[i - 1] };
-        &self.values[start..self.value_ends[i]]
-    }
-
-    fn key(&self, i: usize) -> Option<&[u8]> {
-        let (start, end) = (*self.key_ranges.get(i)?)?;
-        Some(&self.keys[start..end])
-    }
-}
-
-/// Produces `Records` through the librdkafka handle of a confluent-kafka `Producer`.
+/// Produces the rows of a frame through the librdkafka handle of a confluent-kafka `Producer`.
 #[pyclass(frozen)]
 pub struct RecordWriter {
     handle: usize, // rd_kafka_t *
@@ -245,16 +185,24 @@ impl RecordWriter {
         })
     }
 
-    /// Produces `records` from index `start` to `topic` (partitioned by key, as `produce`
-    /// does) until all are queued or the local queue is full; returns the index of the first
-    /// record not produced. Any other error raises `confluent_kafka.KafkaException`.
+    /// Produces rows `start..length` of `columns` to `topic` as JSON values (as `json_rows`
+    /// writes them), keyed by the text column `keys` (a null: no key; partitioned by key, as
+    /// `produce` does), until all are queued or the local queue is full; returns the index of
+    /// the first row not produced. A row it cannot write raises ValueError before any is
+    /// produced; a record librdkafka refuses raises `confluent_kafka.KafkaException`.
+    #[pyo3(signature = (topic, length, columns, keys, start=0))]
     fn produce(
         &self,
         py: Python<'_>,
         topic: &str,
-        records: &Records,
+        length: usize,
+        columns: Vec<ColumnSpec>,
+        keys: Option<ColumnSpec>,
         start: usize,
     ) -> PyResult<usize> {
+        let encoder = RowEncoder::new(length, columns)?;
+        encoder.check(length)?;
+        let keys = keys.map(|spec| TextColumn::new(length, spec)).transpose()?;
         let api = &self.librdkafka;
         let name = CString::new(topic)?;
         // SAFETY: `handle` is a live producer (the Producer object is kept alive)
@@ -269,35 +217,40 @@ impl RecordWriter {
         let (handle, topic_handle) = (self.handle, topic_handle as usize);
         let (next, error) = py.allow_threads(|| {
             let (handle, topic_handle) = (handle as Handle, topic_handle as *mut c_void);
-            let mut next = start;
-            let mut error = 0;
-            while next < records.__len__() {
-                let mut args = [
-                    Vu::ptr(VTYPE_RKT, topic_handle),
-                    Vu::int(VTYPE_MSGFLAGS, RD_KAFKA_MSG_F_COPY),
-                    Vu::mem(VTYPE_VALUE, records.value(next)),
-                    Vu::int(VTYPE_END, 0),
-                ];
-                let mut count = 3;
-                if let Some(key) = records.key(next) {
-                    args[3] = Vu::mem(VTYPE_KEY, key);
-                    count = 4;
-                }
-                // SAFETY: librdkafka copies value and key (F_COPY) before produceva returns
-                unsafe {
-                    let failure = (api.produceva)(handle, args.as_ptr(), count);
-                    if !failure.is_null() {
-                        error = (api.error_code)(failure);
-                        (api.error_destroy)(failure);
-                        break;
+            let mut value = Vec::with_capacity(4096);
+            let mut produce_from = |mut next: usize| -> PyResult<(usize, c_int)> {
+                while next < length {
+                    value.clear();
+                    encoder.write(next, &mut value)?; // cannot fail: checked above
+                    let key = match &keys {
+                        Some(keys) => keys.get(next)?,
+                        None => None,
+                    };
+                    let args = [
+                        Vu::ptr(VTYPE_RKT, topic_handle),
+                        Vu::int(VTYPE_MSGFLAGS, RD_KAFKA_MSG_F_COPY),
+                        Vu::mem(VTYPE_VALUE, &value),
+                        key.map_or(Vu::int(VTYPE_END, 0), |key| Vu::mem(VTYPE_KEY, key)),
+                    ];
+                    let count = if key.is_some() { 4 } else { 3 };
+                    // SAFETY: librdkafka copies value and key (F_COPY) before produceva returns
+                    unsafe {
+                        let failure = (api.produceva)(handle, args.as_ptr(), count);
+                        if !failure.is_null() {
+                            let error = (api.error_code)(failure);
+                            (api.error_destroy)(failure);
+                            return Ok((next, error));
+                        }
                     }
+                    next += 1;
                 }
-                next += 1;
-            }
+                Ok((next, 0))
+            };
+            let outcome = produce_from(start);
             // SAFETY: queued records hold their own references to the topic
             unsafe { (api.topic_destroy)(topic_handle) };
-            (next, error)
-        });
+            outcome
+        })?;
         if error != 0 && error != QUEUE_FULL {
             let kafka = py.import("confluent_kafka")?;
             let reason = kafka.getattr("KafkaError")?.call1((error,))?;

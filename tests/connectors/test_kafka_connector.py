@@ -401,10 +401,31 @@ def test_a_record_the_producer_refuses_raises_a_kafka_error():
     config = {"bootstrap.servers": "127.0.0.1:1", "transactional.id": "never-initialised"}
     producer = Producer(config)
     writer = kafka.record_writer(producer, config)
-    records = kafka._native_records(KAFKA_FORMATS["enriched"], _events(0, 3))
+    frame = _events(0, 3)
+    _arrays, columns = arrow_columns(frame, string_views=True)
     with pytest.raises(KafkaException) as raised:  # a transactional producer outside a transaction
-        writer.produce("any", records, 0)
+        writer.produce("any", frame.height, columns, None)
     assert raised.value.args[0].code() == KafkaError._STATE
+
+
+@pytest.mark.servers
+def test_a_frame_the_compiled_writer_cannot_write_goes_through_produce(settings, unique):
+    pytest.importorskip("pipeline_native")
+    topic = f"{unique}.enriched"
+    kafka.ensure_topics(settings, [topic], partitions=1)
+    frame = _events(0, 3).with_columns(
+        # the last row's year is past 9999: checked before the first record is produced
+        pl.Series("at", [0, 1714550400123, 253402300800000]).cast(pl.Datetime("ms", "UTC")),
+    )
+    sink = _sink(settings, topic, f"{topic}-0", "enriched")
+    assert sink._writer is not None and not sink._write_frame(frame)
+    sink.write_batch([frame])
+    sink.close()
+    ((_, records),) = _raw_records(settings, topic).items()
+    assert records == [
+        (k.encode(), orjson.dumps(row))
+        for k, row in zip(frame["event_id"], as_dicts(frame), strict=True)
+    ]
 
 
 def _window(count: int, revision: int) -> dict:
