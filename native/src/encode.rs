@@ -83,9 +83,37 @@ fn le<const N: usize>(data: &[u8], i: usize) -> [u8; N] {
 }
 
 impl Column<'_> {
+    fn millis(&self, i: usize, per_second: i64) -> i64 {
+        i64::from_le_bytes(le(self.data, i)).div_euclid(per_second / 1000)
+    }
+
+    fn is_null(&self, i: usize) -> bool {
+        self.kind == Kind::Null || self.validity.is_some_and(|v| !bit(v, i))
+    }
+
+    /// Fails where `write` would fail for `row` (a view outside its buffers, a timestamp outside
+    /// years 0-9999), without writing.
+    fn check(&self, row: usize) -> PyResult<()> {
+        let i = self.offset + row;
+        match self.kind {
+            _ if self.is_null(i) => {}
+            Kind::TextView => {
+                self.view(i)?;
+            }
+            Kind::Timestamp(per_second) => {
+                let ms = self.millis(i, per_second);
+                if !(MIN_ISO_MS..=MAX_ISO_MS).contains(&ms) {
+                    return Err(outside_iso_years(ms));
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
     fn write(&self, row: usize, out: &mut Vec<u8>) -> PyResult<()> {
         let i = self.offset + row;
-        if self.kind == Kind::Null || self.validity.is_some_and(|v| !bit(v, i)) {
+        if self.is_null(i) {
             out.extend_from_slice(b"null");
             return Ok(());
         }
@@ -102,10 +130,7 @@ impl Column<'_> {
             Kind::Float32 => float(f32::from_le_bytes(le(self.data, i)) as f64, out),
             Kind::Float64 => float(f64::from_le_bytes(le(self.data, i)), out),
             Kind::Bool => out.extend_from_slice(if bit(self.data, i) { b"true" } else { b"false" }),
-            Kind::Timestamp(per_second) => {
-                let ms = i64::from_le_bytes(le(self.data, i)).div_euclid(per_second / 1000);
-                write_iso_millis(ms, out)?
-            }
+            Kind::Timestamp(per_second) => write_iso_millis(self.millis(i, per_second), out)?,
             Kind::Null => unreachable!(),
         }
         Ok(())
@@ -141,8 +166,19 @@ fn float(f: f64, out: &mut Vec<u8>) {
     }
 }
 
+/// 0000-01-01T00:00:00.000Z and 9999-12-31T23:59:59.999Z: the years `write_iso_millis` writes.
+const MIN_ISO_MS: i64 = -62_167_219_200_000;
+const MAX_ISO_MS: i64 = 253_402_300_799_999;
+
+fn outside_iso_years(ms: i64) -> PyErr {
+    PyValueError::new_err(format!("timestamp {ms} ms is outside years 0-9999"))
+}
+
 /// `ms` as `%Y-%m-%dT%H:%M:%S%.3fZ`; years 0 to 9999 only (polars writes others differently).
 pub(crate) fn write_iso_millis(ms: i64, out: &mut Vec<u8>) -> PyResult<()> {
+    if !(MIN_ISO_MS..=MAX_ISO_MS).contains(&ms) {
+        return Err(outside_iso_years(ms));
+    }
     let days = ms.div_euclid(86_400_000);
     let in_day = ms.rem_euclid(86_400_000);
     // civil_from_days (Howard Hinnant)
@@ -155,11 +191,7 @@ pub(crate) fn write_iso_millis(ms: i64, out: &mut Vec<u8>) -> PyResult<()> {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    if !(0..=9999).contains(&year) {
-        return Err(PyValueError::new_err(format!(
-            "timestamp {ms} ms is outside years 0-9999"
-        )));
-    }
+    debug_assert!((0..=9999).contains(&year));
     let mut text = *b"\"0000-00-00T00:00:00.000Z\"";
     let fields = [
         (1, 4, year),
@@ -227,13 +259,9 @@ impl<'a> RowEncoder<'a> {
     /// Fails as `write` would for one of the `length` rows, without writing any: a caller that
     /// must not stop half-way checks first.
     pub(crate) fn check(&self, length: usize) -> PyResult<()> {
-        let mut scratch = Vec::new();
         for column in &self.columns {
-            if matches!(column.kind, Kind::TextView | Kind::Timestamp(_)) {
-                for row in 0..length {
-                    scratch.clear();
-                    column.write(row, &mut scratch)?;
-                }
+            for row in 0..length {
+                column.check(row)?;
             }
         }
         Ok(())

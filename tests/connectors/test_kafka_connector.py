@@ -229,6 +229,22 @@ def test_compiled_values_read_string_views_inline_and_in_several_data_buffers():
         assert kafka._native_values(rows) == [orjson.dumps(row) for row in as_dicts(rows)]
 
 
+def test_compiled_values_escape_at_every_position_of_the_eight_byte_scan():
+    pytest.importorskip("pipeline_native")
+    # the scan reads eight bytes at a time: put each kind of escaped byte (and its neighbours
+    # that must not be escaped) at every offset of values up to three words long
+    specials = ['"', "\\", "\x00", "\x1f", "\n", " ", "\x7f", "é", "!", "#", "[", "]"]
+    texts = [
+        "x" * at + special + "y" * (length - at - 1)
+        for length in range(1, 26)
+        for at in range(length)
+        for special in specials
+    ]
+    texts += ["", '""\\\\', "\x01" * 17, "é" * 13 + '"']
+    frame = pl.DataFrame({"s": texts})
+    assert kafka._native_values(frame) == [orjson.dumps(row) for row in as_dicts(frame)]
+
+
 def test_keys_and_identities_are_the_same_from_a_frame_dicts_and_read_back_values():
     frame = _tricky_frame().with_columns(pl.col("text").alias("event_id"))
     fmt = KAFKA_FORMATS["enriched"]
