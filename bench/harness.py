@@ -342,6 +342,8 @@ def ours_env(brokers: str, topic_in: str, prefix: str, *, stop_at_end: bool) -> 
         "KAFKA_STOP_AT_END": "true" if stop_at_end else "false",
         "KAFKA_TOPIC_RAW": topic_in,
         "KAFKA_CONSUMER_GROUP": f"{prefix}.group",
+        # the baselines' producers do not compress either, and the broker shares the cores
+        "KAFKA_COMPRESSION": "none",
         "METRICS_PORT": str(free_port()),
         "LOG_LEVEL": "WARNING",
     }

@@ -340,13 +340,12 @@ class KafkaBatchSource(FixedPartitionedSource[RawBatch, int]):
 # in docs/exactly-once.md.
 
 Rows = pl.DataFrame | list[dict]
-# Producer settings of the stream sinks; a key set in KAFKA_CONFIG wins (e.g. compression.type
-# "none" when the broker shares the job's CPU, "zstd" over a slow link). The sinks register no
-# delivery callback (a failed delivery fails the transaction's commit), so only failed deliveries
-# are reported: otherwise every poll hands each delivered record to Python for nothing.
+# Producer settings of the stream sinks besides `compression.type` (KAFKA_COMPRESSION); a key set
+# in KAFKA_CONFIG wins. The sinks register no delivery callback (a failed delivery fails the
+# transaction's commit), so only failed deliveries are reported: otherwise every poll hands each
+# delivered record to Python for nothing.
 SINK_PRODUCER_TUNING: dict[str, Any] = {
     "linger.ms": 20,
-    "compression.type": "lz4",
     "transaction.timeout.ms": 600_000,
     "message.timeout.ms": 590_000,
     "delivery.report.only.error": True,
@@ -798,9 +797,11 @@ def shared_admin(settings: Settings) -> AdminClient:
 
 
 def sink_producer_config(settings: Settings, transactional_id: str) -> dict[str, Any]:
-    """The transactional producer of a stream sink partition: `SINK_PRODUCER_TUNING` under
-    whatever KAFKA_CONFIG sets."""
-    tuning = unless_configured(settings, SINK_PRODUCER_TUNING)
+    """The transactional producer of a stream sink partition: `SINK_PRODUCER_TUNING` and
+    KAFKA_COMPRESSION under whatever KAFKA_CONFIG sets."""
+    tuning = unless_configured(
+        settings, {**SINK_PRODUCER_TUNING, "compression.type": settings.kafka_compression}
+    )
     return producer_config(settings, transactional_id=transactional_id, **tuning)
 
 

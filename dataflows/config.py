@@ -57,6 +57,11 @@ class Settings(BaseSettings):
         default_factory=dict,
         description="Extra librdkafka settings as a JSON object (SASL, TLS, ...).",
     )
+    kafka_compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
+        default="lz4",
+        description="Compression of the records the Kafka sinks produce ('none' saves CPU "
+        "when the broker is on the same machine).",
+    )
     kafka_sink_partitions: int = Field(
         default=2,
         ge=1,

@@ -30,7 +30,11 @@ def test_producer_config_defaults_and_overrides():
 
 
 def test_sink_producer_tuning_gives_way_to_kafka_config():
-    settings = Settings(kafka_bootstrap_servers="b:1", kafka_config={"compression.type": "zstd"})
+    settings = Settings(
+        kafka_bootstrap_servers="b:1",
+        kafka_compression="none",
+        kafka_config={"compression.type": "zstd"},
+    )
     conf = kafka.sink_producer_config(settings, "tx-2")
     assert conf == {
         "bootstrap.servers": "b:1",
@@ -45,6 +49,10 @@ def test_sink_producer_tuning_gives_way_to_kafka_config():
     }
     default = kafka.sink_producer_config(Settings(kafka_bootstrap_servers="b:1"), "tx-2")
     assert default["compression.type"] == "lz4"
+    plain = Settings(kafka_bootstrap_servers="b:1", kafka_compression="none")
+    assert kafka.sink_producer_config(plain, "tx-2")["compression.type"] == "none"
+    with pytest.raises(ValueError, match="kafka_compression"):
+        Settings(kafka_compression="brotli")
 
 
 def test_source_prefetch_is_bounded_unless_kafka_config_sets_it():
