@@ -64,6 +64,11 @@ RUN uv pip install --python /opt/venv/bin/python --no-deps . /wheels/*.whl \
 FROM ${PYTHON_IMAGE} AS runtime
 
 ARG UID=10001
+# jemalloc in place of glibc's malloc (LD_PRELOAD below): glibc's took about a tenth of the job's
+# CPU in a catch-up, and the job runs about 12% faster without it (docs/benchmarks.md).
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libjemalloc2 \
+ && rm -rf /var/lib/apt/lists/*
 RUN groupadd --system --gid "${UID}" pipeline \
  && useradd --system --uid "${UID}" --gid pipeline --home-dir /var/lib/pipeline \
       --no-create-home --shell /usr/sbin/nologin pipeline \
@@ -75,6 +80,7 @@ COPY --from=builder /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
+    LD_PRELOAD=libjemalloc.so.2 \
     GEOIP_CITY_DB=/data/geoip/GeoLite2-City.mmdb \
     METRICS_HOST=0.0.0.0 \
     METRICS_PORT=9464

@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	@command -v $(PYTHON_BIN) >/dev/null || { echo "need $(PYTHON_BIN) on PATH" >&2; exit 1; }
 	@test -x $(PY) || $(PYTHON_BIN) -m venv $(VENV)
 	@$(VENV)/bin/pip install -q --disable-pip-version-check uv
-	@$(VENV)/bin/uv pip install -q --python $(PY) -e '.[test]'
+	@$(VENV)/bin/uv pip install -q --python $(PY) -e '.[test,bench]'
 	@touch $(STAMP)
 
 $(NATIVE_STAMP): $(STAMP) $(NATIVE_SRC)
@@ -57,8 +57,10 @@ stack-status:
 	@bash stack/stack.sh status
 
 # Throughput/latency benchmark (docs/benchmarks.md); its last line is the BENCH summary. Starts the
-# servers if none was running and then stops them again; a running stack is left as it is.
+# servers if none was running and then stops them again; a running stack is left as it is. Installs
+# jemalloc for the jobs where it can (without it they run on glibc malloc, and the run says so).
 bench: install
+	@SVC=bench bash -c 'source stack/lib.sh; is_root && apt_ensure libjemalloc2 || true' >&2
 	@was_up=$$(bash stack/stack.sh status | grep -c ' up ' || true); \
 	bash stack/stack.sh up >&2 || exit $$?; \
 	status=0; $(PY) -m bench run $(BENCH_ARGS) || status=$$?; \
