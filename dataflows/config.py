@@ -36,6 +36,11 @@ class Settings(BaseSettings):
     # --- event time ---------------------------------------------------------------------
     pipeline_allowed_lateness_s: float = Field(default=60, ge=0)
     pipeline_idle_close_s: float = Field(default=30, gt=0)
+    pipeline_max_future_s: float = Field(
+        default=10,
+        ge=0,
+        description="How far past its ingestion an event's time may move the watermark.",
+    )
     pipeline_late_policy: Literal["reaggregate", "drop"] = "reaggregate"
     pipeline_late_retention_s: float = Field(default=86400, ge=0)
     pipeline_session_gap_s: float = Field(default=1800, gt=0)

@@ -46,6 +46,7 @@ def build(settings: Settings) -> Dataflow:
         GateConfig(
             allowed_lateness_s=settings.pipeline_allowed_lateness_s,
             idle_close_s=settings.pipeline_idle_close_s,
+            max_future_s=settings.pipeline_max_future_s,
             count_late=settings.pipeline_late_policy == "reaggregate",
             session_gap_s=settings.pipeline_session_gap_s,
             shards=settings.pipeline_state_shards,

@@ -5,6 +5,11 @@ time only, so a catch-up or a replay of the same partition classifies every even
 processing did. An event is *late* when its timestamp is older than the watermark just before it
 (row by row, in partition order, so the answer does not depend on how records were batched).
 
+An event cannot move the watermark further than `max_future_s` past its `ingested_at` (for Kafka
+input the record's broker timestamp, so a replay bounds it the same way): one event from a client
+whose clock is hours ahead would otherwise close every open window and make the rest of the
+stream late. The event itself keeps its timestamp and window.
+
 One exception is wall time: when a partition has been idle for `idle_close_s`, its watermark may
 advance to `now − allowed lateness`, so that a quiet stream's last windows still close. On resume
 the idle timer restarts, so downtime never counts as idleness (unlike Bytewax's EventClock, which
@@ -39,10 +44,12 @@ class PartitionClock:
         *,
         allowed_lateness_s: float,
         idle_close_s: float,
+        max_future_s: float | None = None,
         state: ClockState | None = None,
         wall_clock=time.time,
     ):
         self._lateness_ms = int(allowed_lateness_s * 1000)
+        self._max_future_ms = None if max_future_s is None else int(max_future_s * 1000)
         self._idle_close_s = idle_close_s
         self._wall_clock = wall_clock
         self.state = state or ClockState()
@@ -59,14 +66,18 @@ class PartitionClock:
         if events.height == 0:
             return pl.Series("late", [], dtype=pl.Boolean)
         ts = pl.col("timestamp").dt.epoch("ms")
+        advance = ts  # how far each event moves the watermark
+        if self._max_future_ms is not None:
+            ingested = pl.col("ingested_at").dt.epoch("ms")
+            advance = pl.min_horizontal(ts, ingested + self._max_future_ms)
         # Highest event time seen before each row: the running max shifted by one row,
         # starting from what earlier batches saw. One polars call for the whole batch.
         state = self.state
-        seen_before = ts.cum_max().shift(1, fill_value=state.max_event_ms)
+        seen_before = advance.cum_max().shift(1, fill_value=state.max_event_ms)
         watermark_before = (
             seen_before.clip(lower_bound=state.max_event_ms) - self._lateness_ms
         ).clip(lower_bound=state.watermark_ms)
-        marked = events.select((ts < watermark_before).alias("late"), ts.max().alias("max"))
+        marked = events.select((ts < watermark_before).alias("late"), advance.max().alias("max"))
         state.max_event_ms = max(state.max_event_ms, marked["max"][0])
         state.watermark_ms = max(state.watermark_ms, state.max_event_ms - self._lateness_ms)
         return marked["late"]

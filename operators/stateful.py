@@ -33,6 +33,7 @@ from operators.windows import window_partials
 class GateConfig:
     allowed_lateness_s: float
     idle_close_s: float
+    max_future_s: float
     count_late: bool  # False under the `drop` late policy: late events stay out of aggregates
     session_gap_s: float
     shards: int
@@ -51,6 +52,7 @@ class _EventTimeLogic(StatefulBatchLogic[EventBatch, tuple, ClockState]):
         self._clock = PartitionClock(
             allowed_lateness_s=config.allowed_lateness_s,
             idle_close_s=config.idle_close_s,
+            max_future_s=config.max_future_s,
             state=resume,
         )
 

@@ -66,3 +66,28 @@ def test_resume_restores_event_time_watermark_without_downtime():
     assert resumed.watermark_ms == (5000 - 60) * 1000
     assert not resumed.advance_if_idle()  # the idle timer restarts on resume
     assert resumed.observe(frame(4950)).to_list() == [False]
+
+
+def test_an_event_far_ahead_of_its_ingestion_moves_the_watermark_only_max_future_past_it():
+    def ingested(*pairs: tuple[float, float]) -> pl.DataFrame:
+        return pl.DataFrame(
+            {
+                "timestamp": [datetime.fromtimestamp(t, UTC) for t, _ in pairs],
+                "ingested_at": [datetime.fromtimestamp(i, UTC) for _, i in pairs],
+            },
+            schema={"timestamp": pl.Datetime("ms", "UTC"), "ingested_at": pl.Datetime("ms", "UTC")},
+        )
+
+    clock = PartitionClock(allowed_lateness_s=60, idle_close_s=30, max_future_s=10)
+    # a client three hours ahead, then on-time events: none of them is late
+    late = clock.observe(ingested((1000, 1000), (1000 + 3 * 3600, 1001), (1002, 1002), (990, 1003)))
+    assert late.to_list() == [False, False, False, False]
+    assert clock.watermark_ms == (1001 + 10 - 60) * 1000
+    # the watermark follows the events' time, up to 10 s past their ingestion
+    assert clock.observe(ingested((1005, 1030), (1200, 1031))).to_list() == [False, False]
+    assert clock.watermark_ms == (1031 + 10 - 60) * 1000
+    assert clock.observe(ingested((975, 1040), (985, 1040))).to_list() == [True, False]
+    # unbounded, the event three hours ahead makes the rest of the stream late
+    unbounded = PartitionClock(allowed_lateness_s=60, idle_close_s=30)
+    unbounded.observe(ingested((1000, 1000), (1000 + 3 * 3600, 1001)))
+    assert unbounded.observe(ingested((1002, 1002))).to_list() == [True]
