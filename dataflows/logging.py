@@ -93,3 +93,28 @@ def configure(
     root.addHandler(handler)
     root.setLevel(level)
     return handler
+
+
+
+def quiet_interrupts() -> None:
+    """Log the end of a run by an interrupt (SIGINT: Ctrl-C, the image's stop signal) as one JSON
+    line instead of a `KeyboardInterrupt` traceback; the exit status stays that of an interrupt
+    (130). Other uncaught exceptions keep the hook that was there.
+
+    With processes (`-i/-a`, or `BYTEWAX_POD_NAME` on Kubernetes) the workers run on threads of
+    their own and Bytewax stops them cleanly before the interrupt reaches the top. A single process
+    (`python -m bytewax.run dataflows.main`) runs its worker on the main thread, where Bytewax 0.21
+    takes an interrupt as a worker failure (a panic, "signal received", exit status 1): the
+    uncommitted epoch is replayed on resume, as after a crash."""
+    previous = sys.excepthook
+    if getattr(previous, "quiets_interrupts", False):  # installed already
+        return
+
+    def hook(kind, value, traceback) -> None:
+        if issubclass(kind, KeyboardInterrupt):
+            logging.getLogger("dataflows").info("stopped by an interrupt")
+            return
+        previous(kind, value, traceback)
+
+    hook.quiets_interrupts = True
+    sys.excepthook = hook

@@ -11,7 +11,7 @@ from bytewax.inputs import Source
 from connectors.files import JsonLinesSource
 from dataflows import metrics
 from dataflows.config import Settings
-from dataflows.logging import configure
+from dataflows.logging import configure, quiet_interrupts
 from operators.contracts import default_registry
 from operators.enrich import Enricher
 from operators.model import DlqReason, EventBatch, RawBatch
@@ -31,8 +31,8 @@ GC_GENERATION0_THRESHOLD = 200_000
 
 
 def start_operations(settings: Settings) -> None:
-    """JSON logs on stderr, the metrics endpoint and garbage collector tuning; once per process,
-    before the flow is built.
+    """JSON logs on stderr (an interrupt ends the run with a log line, not a traceback), the
+    metrics endpoint and garbage collector tuning; once per process, before the flow is built.
 
     Counters are created at zero for every DLQ reason, so that `increase()` in the alerts sees
     the first rejection of a reason (a series that starts at 1 has no increase).
@@ -41,6 +41,7 @@ def start_operations(settings: Settings) -> None:
     gc.set_threshold(GC_GENERATION0_THRESHOLD, older, oldest)
     gc.freeze()  # what was loaded at start-up (modules, contracts, parsers) is never collected
     configure(settings=settings)
+    quiet_interrupts()
     m = metrics.get()
     m.events_in(INPUT_STREAM, 0)
     m.late_events(0)

@@ -6,6 +6,9 @@ import inspect
 import io
 import json
 import logging
+import signal
+import subprocess
+import sys
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -233,3 +236,22 @@ def test_configure_takes_the_level_from_settings_and_replaces_itself(
     assert root_logger.level == logging.DEBUG
     logging.getLogger("x").debug("shown")
     assert json.loads(buf.getvalue())["message"] == "shown"
+
+
+@pytest.mark.parametrize("ending", ["KeyboardInterrupt", "ValueError('broken')"])
+def test_an_interrupt_ends_the_run_with_a_log_line_instead_of_a_traceback(ending: str) -> None:
+    script = (
+        "from dataflows.logging import configure, quiet_interrupts\n"
+        "configure('INFO')\nquiet_interrupts()\nquiet_interrupts()\n"
+        f"raise {ending}\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    if ending == "KeyboardInterrupt":
+        (line,) = done.stderr.splitlines()
+        assert json.loads(line)["message"] == "stopped by an interrupt"
+        assert done.returncode in (130, -signal.SIGINT)
+    else:  # anything else still prints its traceback and fails
+        assert done.stderr.startswith("Traceback") and "ValueError: broken" in done.stderr
+        assert done.returncode == 1
