@@ -387,9 +387,15 @@ impl ContractDecoder {
     ) -> bool {
         // each spec's value: the last member of its name, as in a Python dict
         let mut found: Vec<Option<&'a Json<'a>>> = vec![None; specs.len()];
+        // members mostly come in the contract's order: look from after the last one found
+        let mut next = 0;
         for (key, value) in members {
-            if let Some(i) = specs.iter().position(|spec| spec.name == *key) {
+            if let Some(i) = (next..specs.len())
+                .chain(0..next)
+                .find(|&i| specs[i].name == *key)
+            {
                 found[i] = Some(value);
+                next = i + 1;
             }
         }
         for (spec, value) in specs.iter().zip(found) {
