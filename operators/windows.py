@@ -212,6 +212,10 @@ class WindowState:
         """Cells held: windows not emitted yet and emitted ones kept for late corrections."""
         return len(self.cells)
 
+    def users_held(self) -> int:
+        """User ids the cells hold, counted once per cell (what their memory grows with)."""
+        return sum(_unique(cell.users) for cell in self.cells.values())
+
     def __getstate__(self) -> dict:
         # Snapshots happen every epoch: the cells are sealed into chunks (see `SnapshotLog`), of
         # which only the one with the cells changed since the last snapshot is pickled anew. The
