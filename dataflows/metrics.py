@@ -34,6 +34,7 @@ Exported series (keep the names; alerts and the dashboard in k8s/monitoring use 
 | `events_out(stream, sink, n)` | `pipeline_events_out_total{stream,sink}` | counter |
 | `dlq_records(reason, n)` | `pipeline_dlq_records_total{reason}` | counter |
 | `late_events(n)` | `pipeline_late_events_total` | counter |
+| `events_ahead(n)` | `pipeline_events_ahead_total` | counter |
 | `consumer_lag(topic, partition, lag)` | `pipeline_consumer_lag{topic,partition}` | gauge, high watermark − position |
 | `event_time_lag(partition, s)` | `pipeline_event_time_lag_seconds{partition}` | gauge, now − watermark |
 | `end_to_sink_latency(sink, s)` | `pipeline_end_to_sink_latency_seconds{sink}` | histogram, now − ingested_at |
@@ -87,6 +88,9 @@ class Metrics:
 
     def late_events(self, count: int = 1) -> None:
         """Events older than their partition's watermark."""
+
+    def events_ahead(self, count: int = 1) -> None:
+        """Events whose time is more than PIPELINE_MAX_FUTURE_S past their ingestion."""
 
     def consumer_lag(self, topic: str, partition: int | str, lag: float) -> None:
         """Kafka high watermark minus the position the source has reached."""
@@ -170,6 +174,9 @@ class InMemoryMetrics(Metrics):
     def late_events(self, count: int = 1) -> None:
         self._add("pipeline_late_events_total", count)
 
+    def events_ahead(self, count: int = 1) -> None:
+        self._add("pipeline_events_ahead_total", count)
+
     def consumer_lag(self, topic: str, partition: int | str, lag: float) -> None:
         self._set("pipeline_consumer_lag", lag, topic=topic, partition=partition)
 
@@ -223,6 +230,11 @@ class PrometheusMetrics(Metrics):
         )  # fmt: skip
         self._late = Counter(
             "pipeline_late_events", "Events older than their partition's watermark.", registry=reg
+        )
+        self._ahead = Counter(
+            "pipeline_events_ahead",
+            "Events whose time is more than PIPELINE_MAX_FUTURE_S past their ingestion.",
+            registry=reg,
         )
         self._consumer_lag = Gauge(
             "pipeline_consumer_lag",
@@ -282,6 +294,9 @@ class PrometheusMetrics(Metrics):
 
     def late_events(self, count: int = 1) -> None:
         self._late.inc(count)
+
+    def events_ahead(self, count: int = 1) -> None:
+        self._ahead.inc(count)
 
     def consumer_lag(self, topic: str, partition: int | str, lag: float) -> None:
         self._consumer_lag.labels(topic, str(partition)).set(lag)

@@ -45,6 +45,7 @@ def start_operations(settings: Settings) -> None:
     m = metrics.get()
     m.events_in(INPUT_STREAM, 0)
     m.late_events(0)
+    m.events_ahead(0)
     for reason in DlqReason:
         m.dlq_records(reason.value, 0)
 

@@ -54,6 +54,7 @@ class PartitionClock:
         self._wall_clock = wall_clock
         self.state = state or ClockState()
         self.last_input_wall = wall_clock()
+        self.last_ahead = 0  # events of the last batch beyond `max_future_s`
         self._last_idle_check = self.last_input_wall
 
     @property
@@ -67,9 +68,11 @@ class PartitionClock:
             return pl.Series("late", [], dtype=pl.Boolean)
         ts = pl.col("timestamp").dt.epoch("ms")
         advance = ts  # how far each event moves the watermark
+        ahead = pl.lit(0)
         if self._max_future_ms is not None:
-            ingested = pl.col("ingested_at").dt.epoch("ms")
-            advance = pl.min_horizontal(ts, ingested + self._max_future_ms)
+            bound = pl.col("ingested_at").dt.epoch("ms") + self._max_future_ms
+            advance = pl.min_horizontal(ts, bound)
+            ahead = (ts > bound).sum()
         # Highest event time seen before each row: the running max shifted by one row,
         # starting from what earlier batches saw. One polars call for the whole batch.
         state = self.state
@@ -77,7 +80,10 @@ class PartitionClock:
         watermark_before = (
             seen_before.clip(lower_bound=state.max_event_ms) - self._lateness_ms
         ).clip(lower_bound=state.watermark_ms)
-        marked = events.select((ts < watermark_before).alias("late"), advance.max().alias("max"))
+        marked = events.select(
+            (ts < watermark_before).alias("late"), advance.max().alias("max"), ahead.alias("ahead")
+        )
+        self.last_ahead = int(marked["ahead"][0])
         state.max_event_ms = max(state.max_event_ms, marked["max"][0])
         state.watermark_ms = max(state.watermark_ms, state.max_event_ms - self._lateness_ms)
         return marked["late"]

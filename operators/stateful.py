@@ -58,10 +58,11 @@ class _EventTimeLogic(StatefulBatchLogic[EventBatch, tuple, ClockState]):
 
     def on_batch(self, batches: list[EventBatch]):
         out: list[tuple] = []
-        late_count = 0
+        late_count = ahead_count = 0
         for batch in batches:
             self._clock.state.partition = batch.partition
             late = self._clock.observe(batch.events)
+            ahead_count += self._clock.last_ahead
             late_here = int(late.sum())
             if late_here:
                 late_count += late_here
@@ -71,6 +72,8 @@ class _EventTimeLogic(StatefulBatchLogic[EventBatch, tuple, ClockState]):
         m = metrics.get()
         if late_count:
             m.late_events(late_count)
+        if ahead_count:
+            m.events_ahead(ahead_count)
         self._report_lag(m)
         return out, StatefulBatchLogic.RETAIN
 

@@ -24,6 +24,7 @@ EXPORTED = {
     "pipeline_events_out_total": "counter",
     "pipeline_dlq_records_total": "counter",
     "pipeline_late_events_total": "counter",
+    "pipeline_events_ahead_total": "counter",
     "pipeline_consumer_lag": "gauge",
     "pipeline_event_time_lag_seconds": "gauge",
     "pipeline_end_to_sink_latency_seconds": "histogram",
@@ -41,6 +42,7 @@ def observe_each_once(m: metrics.Metrics) -> None:
     m.events_out("enriched", "postgres", 4)
     m.dlq_records("bad_timestamp")
     m.late_events(2)
+    m.events_ahead(3)
     m.consumer_lag("events.raw", 3, 120)
     m.event_time_lag("events.raw/3", 61.5)
     m.end_to_sink_latency("postgres", 0.42)
@@ -79,6 +81,7 @@ def test_prometheus_exposes_every_name_after_one_observation_each() -> None:
     }
     assert series["pipeline_dlq_records_total"] == {(("reason", "bad_timestamp"),): 1}
     assert series["pipeline_late_events_total"] == {(): 2}
+    assert series["pipeline_events_ahead_total"] == {(): 3}
     assert series["pipeline_consumer_lag"] == {(("partition", "3"), ("topic", "events.raw")): 120}
     assert series["pipeline_event_time_lag_seconds"] == {(("partition", "events.raw/3"),): 61.5}
     assert series["pipeline_sink_retries_total"] == {(("sink", "redis"),): 1}
@@ -128,7 +131,7 @@ def test_every_interface_method_is_implemented() -> None:
         for name, member in inspect.getmembers(metrics.Metrics, inspect.isfunction)
         if not name.startswith("_")
     }
-    assert len(interface) == 12
+    assert len(interface) == 13
     for cls in (metrics.PrometheusMetrics, metrics.InMemoryMetrics):
         for name in interface:
             assert getattr(cls, name) is not getattr(metrics.Metrics, name), (cls, name)

@@ -82,11 +82,14 @@ def test_an_event_far_ahead_of_its_ingestion_moves_the_watermark_only_max_future
     # a client three hours ahead, then on-time events: none of them is late
     late = clock.observe(ingested((1000, 1000), (1000 + 3 * 3600, 1001), (1002, 1002), (990, 1003)))
     assert late.to_list() == [False, False, False, False]
+    assert clock.last_ahead == 1
     assert clock.watermark_ms == (1001 + 10 - 60) * 1000
     # the watermark follows the events' time, up to 10 s past their ingestion
     assert clock.observe(ingested((1005, 1030), (1200, 1031))).to_list() == [False, False]
+    assert clock.last_ahead == 1  # 1200 is more than 10 s past 1031
     assert clock.watermark_ms == (1031 + 10 - 60) * 1000
     assert clock.observe(ingested((975, 1040), (985, 1040))).to_list() == [True, False]
+    assert clock.last_ahead == 0
     # unbounded, the event three hours ahead makes the rest of the stream late
     unbounded = PartitionClock(allowed_lateness_s=60, idle_close_s=30)
     unbounded.observe(ingested((1000, 1000), (1000 + 3 * 3600, 1001)))
