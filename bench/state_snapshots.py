@@ -31,7 +31,6 @@ from operators.validate import decode_batch
 from operators.windows import WindowState, window_partials
 
 
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.state_snapshots")
     parser.add_argument("--rate", type=int, default=5000, help="events per second (per epoch)")

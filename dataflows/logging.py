@@ -95,7 +95,6 @@ def configure(
     return handler
 
 
-
 def quiet_interrupts() -> None:
     """Log the end of a run by an interrupt (SIGINT: Ctrl-C, the image's stop signal) as one JSON
     line instead of a `KeyboardInterrupt` traceback; the exit status stays that of an interrupt

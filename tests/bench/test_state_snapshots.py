@@ -24,7 +24,9 @@ def test_reports_every_minute_and_the_logs_of_the_state(capsys):
 
 def test_a_shorter_gap_and_retention_hold_fewer_sessions(capsys):
     def session_ids(*extra: str) -> int:
-        assert state_snapshots.main(["--rate", "300", "--seconds", "60", "--shards", "2", *extra]) == 0
+        assert (
+            state_snapshots.main(["--rate", "300", "--seconds", "60", "--shards", "2", *extra]) == 0
+        )
         out = capsys.readouterr().out
         return int(re.search(r"session_ids=([\d,]+)", out).group(1).replace(",", ""))
 
