@@ -100,12 +100,7 @@ impl Column<'_> {
             Kind::TextView => {
                 self.view(i)?;
             }
-            Kind::Timestamp(per_second) => {
-                let ms = self.millis(i, per_second);
-                if !(MIN_ISO_MS..=MAX_ISO_MS).contains(&ms) {
-                    return Err(outside_iso_years(ms));
-                }
-            }
+            Kind::Timestamp(per_second) => within_iso_years(self.millis(i, per_second))?,
             _ => {}
         }
         Ok(())
@@ -170,15 +165,18 @@ fn float(f: f64, out: &mut Vec<u8>) {
 const MIN_ISO_MS: i64 = -62_167_219_200_000;
 const MAX_ISO_MS: i64 = 253_402_300_799_999;
 
-fn outside_iso_years(ms: i64) -> PyErr {
-    PyValueError::new_err(format!("timestamp {ms} ms is outside years 0-9999"))
+fn within_iso_years(ms: i64) -> PyResult<()> {
+    if !(MIN_ISO_MS..=MAX_ISO_MS).contains(&ms) {
+        return Err(PyValueError::new_err(format!(
+            "timestamp {ms} ms is outside years 0-9999"
+        )));
+    }
+    Ok(())
 }
 
 /// `ms` as `%Y-%m-%dT%H:%M:%S%.3fZ`; years 0 to 9999 only (polars writes others differently).
 pub(crate) fn write_iso_millis(ms: i64, out: &mut Vec<u8>) -> PyResult<()> {
-    if !(MIN_ISO_MS..=MAX_ISO_MS).contains(&ms) {
-        return Err(outside_iso_years(ms));
-    }
+    within_iso_years(ms)?;
     let days = ms.div_euclid(86_400_000);
     let in_day = ms.rem_euclid(86_400_000);
     // civil_from_days (Howard Hinnant)
