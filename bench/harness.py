@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes.util
+import functools
 import json
 import os
 import shutil
@@ -243,9 +244,11 @@ def free_port() -> int:
 Processes = list[tuple[subprocess.Popen, IO[bytes]]]
 
 
+@functools.cache
 def allocator_env() -> dict[str, str]:
     """Every job runs on jemalloc when it is installed (Debian's libjemalloc2), as the image
-    runs ours: glibc's malloc took about a tenth of our job's CPU in a catch-up."""
+    runs ours: glibc's malloc took about a tenth of our job's CPU in a catch-up. (Looked up once:
+    `find_library` runs `ldconfig`.)"""
     library = ctypes.util.find_library("jemalloc")
     return {"LD_PRELOAD": library} if library else {}
 
@@ -759,8 +762,9 @@ def main(argv: list[str] | None = None) -> int:
     rate = produce_all(brokers, topic_in, lines, args.partitions)
     log(f"produced {len(lines):,} records to {topic_in} at {rate:,.0f}/s")
     results: dict = {"run_id": run_id, "events": len(lines), "partitions": args.partitions}
-    results["allocator"] = allocator_env().get("LD_PRELOAD", "glibc malloc")
-    if not allocator_env():
+    allocator = allocator_env().get("LD_PRELOAD")
+    results["allocator"] = allocator or "glibc malloc"
+    if allocator is None:
         log("jemalloc is not installed (apt-get install libjemalloc2): jobs use glibc malloc")
 
     def measure(name: str, make_job) -> dict:
