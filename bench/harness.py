@@ -389,6 +389,7 @@ def ours_job(
             "raw",
             "-r",
             "100",
+            "--nonblocking",
             "--",
             *base,
         ]
