@@ -21,9 +21,9 @@ pub enum Json<'a> {
 
 impl<'a> Json<'a> {
     pub fn parse(raw: &'a [u8]) -> Option<Json<'a>> {
-        // One UTF-8 check of the whole record (a fast scan of its ASCII) instead of one per
-        // string as `from_slice` makes: the same records pass, in about a tenth less time.
-        serde_json::from_str(std::str::from_utf8(raw).ok()?).ok()
+        // One UTF-8 check of the whole record (SIMD) instead of one per string as `from_slice`
+        // makes: the same records pass, in less time.
+        serde_json::from_str(simdutf8::basic::from_utf8(raw).ok()?).ok()
     }
 
     /// An integer as Python holds it (within i64).

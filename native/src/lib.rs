@@ -516,11 +516,12 @@ fn dump(value: &Json, out: &mut Vec<u8>) -> bool {
 
 /// uuid5(namespace, seed) as text, as `uuid.uuid5` formats it.
 fn uuid5(namespace: &[u8], seed: &str) -> String {
-    let mut hasher = sha1_smol::Sha1::new();
+    use sha1::Digest;
+    let mut hasher = sha1::Sha1::new();
     hasher.update(namespace);
     hasher.update(seed.as_bytes());
     let mut bytes = [0u8; 16];
-    bytes.copy_from_slice(&hasher.digest().bytes()[..16]);
+    bytes.copy_from_slice(&hasher.finalize()[..16]);
     bytes[6] = (bytes[6] & 0x0f) | 0x50;
     bytes[8] = (bytes[8] & 0x3f) | 0x80;
     const HEX: &[u8; 16] = b"0123456789abcdef";
