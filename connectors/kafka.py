@@ -38,11 +38,11 @@ from dataflows.config import Settings
 from operators.model import ISO_MS_FORMAT, PolledRecords, RawBatch, arrow_columns, as_dicts
 from operators.placement import sink_part
 
-try:  # the compiled encoder (native/, built by `make install`): `_json_values`, `record_writer`
-    from pipeline_native import RecordWriter
+try:  # native/, built by `make install`: `_json_values`, `record_writer`, `record_reader`
+    from pipeline_native import RecordReader, RecordWriter
     from pipeline_native import json_rows as _native_json_rows
 except ImportError:
-    _native_json_rows = RecordWriter = None
+    _native_json_rows = RecordReader = RecordWriter = None
 
 logger = logging.getLogger(__name__)
 
@@ -182,11 +182,12 @@ class _KafkaPartition(StatefulSourcePartition[RawBatch, int]):
         self._label = f"{topic}/{partition}"
         self._batch_size = settings.pipeline_batch_size
         self._stop_at_end = stop_at_end
-        self._consumer = consumer(
+        config = consumer_config(
             settings,
             **unless_configured(settings, SOURCE_CONSUMER_TUNING),
             **{"enable.partition.eof": stop_at_end},
         )
+        self._consumer = Consumer(config)
         self._tp = TopicPartition(topic, partition)
         if resume_offset is None:
             (committed,) = until_reachable(
@@ -195,6 +196,7 @@ class _KafkaPartition(StatefulSourcePartition[RawBatch, int]):
             )
             resume_offset = committed.offset if committed.offset >= 0 else OFFSET_BEGINNING
         self._consumer.assign([TopicPartition(topic, partition, resume_offset)])
+        self._reader = record_reader(self._consumer, config, topic, partition)
         self._next_offset = resume_offset
         self._to_commit: int | None = None
         self._ended = False
@@ -207,39 +209,58 @@ class _KafkaPartition(StatefulSourcePartition[RawBatch, int]):
     def next_batch(self) -> list[RawBatch]:
         if self._ended:
             raise StopIteration
-        messages = self._consumer.consume(self._batch_size, 0.001)
-        polled = [message for message in messages if message.error() is None]
-        if len(polled) < len(messages):
-            self._errors(messages)
-        if polled:
-            offsets = [message.offset() for message in polled]
-            stamps = [message.timestamp()[1] for message in polled]
-            if min(stamps) <= 0:  # no broker timestamp: when it was read
-                now = round(time.time() * 1000)
-                stamps = [stamp if stamp > 0 else now for stamp in stamps]
-            values = [message.value() or b"" for message in polled]
-            records = PolledRecords(self._label, values, offsets, stamps)
-            self._next_offset = offsets[-1] + 1
-        if not polled and self._announced:
+        records = self._poll()
+        if records:
+            self._next_offset = records.last_offset() + 1
+        elif self._announced:
             self._idle_until = time.monotonic() + _IDLE_POLL_S
             if self._idle_until - self._lag_reported_at >= _IDLE_LAG_REPORT_S:
                 self._report_lag()
             return []
         self._report_lag()
         self._announced = True
-        return [RawBatch(self._label, records if polled else [])]
+        return [RawBatch(self._label, records)]
 
-    def _errors(self, messages: list) -> None:
-        for message in messages:
-            error = message.error()
-            if error is None:
-                continue
-            if error.code() == KafkaError._PARTITION_EOF:
-                self._ended = self._stop_at_end
-                continue
-            if error.fatal():
-                raise KafkaException(error)
-            logger.warning("kafka source %s: %s", self._label, error)
+    def _poll(self) -> PolledRecords:
+        """Up to a batch of records; errors on the way are handled (`_error`)."""
+        now = round(time.time() * 1000)  # the timestamp of a record without one: when it was read
+        if self._reader is None:
+            messages = self._consumer.consume(self._batch_size, 0.001)
+            polled = [message for message in messages if message.error() is None]
+            for message in messages:
+                if message.error() is not None:
+                    self._error(message.error())
+            stamps = [message.timestamp()[1] for message in polled]
+            return PolledRecords.of(
+                self._label,
+                [message.value() or b"" for message in polled],
+                [message.offset() for message in polled],
+                [stamp if stamp > 0 else now for stamp in stamps],
+            )
+        # The consumer queue has everything but this partition's records and errors (client
+        # errors, commit results): the Consumer serves it, with its callbacks.
+        event = self._consumer.poll(0)
+        if event is not None:
+            if event.error() is None:
+                raise RuntimeError(
+                    f"kafka source {self._label}: a record came through the consumer queue, not "
+                    "the partition's own (librdkafka changed how partition queues are forwarded?)"
+                )
+            self._error(event.error())
+        values, ends, offsets, stamps, ended, errors = self._reader.read(self._batch_size, 1, now)
+        if ended:
+            self._error(KafkaError(KafkaError._PARTITION_EOF))
+        for code, reason, fatal in errors:
+            self._error(KafkaError(code, reason, fatal=fatal))
+        return PolledRecords(self._label, values, ends, offsets, stamps)
+
+    def _error(self, error: KafkaError) -> None:
+        if error.code() == KafkaError._PARTITION_EOF:
+            self._ended = self._stop_at_end
+            return
+        if error.fatal():
+            raise KafkaException(error)
+        logger.warning("kafka source %s: %s", self._label, error)
 
     def _report_lag(self) -> None:
         """`pipeline_consumer_lag` of this partition; from cached watermarks, no broker call."""
@@ -286,6 +307,8 @@ class _KafkaPartition(StatefulSourcePartition[RawBatch, int]):
                 self._consumer.commit(offsets=[tp], asynchronous=False)
             except KafkaException as exc:
                 logger.warning("kafka source %s: final offset commit failed: %s", self._label, exc)
+        if self._reader is not None:
+            self._reader.close()  # gives the partition queue back before the consumer goes
         self._consumer.close()
 
 
@@ -434,6 +457,24 @@ def _native_values(rows: pl.DataFrame) -> list[bytes] | None:
     try:
         return _native_json_rows(rows.height, columns)
     except ValueError:  # a column type (or a datetime) it does not write
+        return None
+
+
+def record_reader(
+    consumer: Consumer, config: dict[str, Any], topic: str, partition: int
+) -> RecordReader | None:
+    """The compiled reader of `topic`/`partition`, assigned to `consumer`
+    (`native/src/consumer.rs`), or None without it (then records go through
+    `Consumer.consume`)."""
+    if RecordReader is None:
+        return None
+    client_id = config.get("client.id", "rdkafka")  # librdkafka's default
+    try:
+        return RecordReader(
+            consumer, cimpl.__file__, object.__basicsize__, client_id, topic, partition
+        )
+    except RuntimeError as exc:
+        logger.warning("kafka: records are read through Consumer.consume: %s", exc)
         return None
 
 

@@ -8,10 +8,12 @@ small. Only the DLQ travels as a list of dicts (it is rare and irregular by natu
 from __future__ import annotations
 
 import uuid
+from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
+from itertools import accumulate
 
 import polars as pl
 import pyarrow as pa
@@ -43,30 +45,57 @@ class RawRecord:
 
 
 class PolledRecords(Sequence[RawRecord]):
-    """The records of one poll of a Kafka topic partition, as columns.
+    """The records of one poll of a Kafka topic partition, as columns: the values one after the
+    other in `values`, and three arrays of native-endian int64 (`bytes`) with the end of each value
+    in `values`, its offset and the epoch milliseconds at which the pipeline read it (its Kafka
+    timestamp). That is how the compiled reader hands them over (`connectors.kafka`), without an
+    object per record.
 
-    Validation reads the values and builds the `source`/`ingested_at` columns from these columns
-    directly; indexing builds the `RawRecord` (for the records the Python path looks at).
+    Validation decodes `values` by `ends` and builds the `source`/`ingested_at` columns from the
+    arrays directly; indexing builds the `RawRecord` (for the records the Python path looks at).
     """
 
-    __slots__ = ("ingested_ms", "label", "offsets", "values")
+    __slots__ = ("ends", "ingested_ms", "label", "offsets", "values")
 
-    def __init__(self, label: str, values: list[bytes], offsets: list[int], ingested_ms: list[int]):
+    def __init__(self, label: str, values: bytes, ends: bytes, offsets: bytes, ingested_ms: bytes):
         self.label = label  # "topic/partition": a record's source is "<label>/<offset>"
         self.values = values
+        self.ends = ends
         self.offsets = offsets
-        self.ingested_ms = ingested_ms  # epoch milliseconds at which the pipeline read each
+        self.ingested_ms = ingested_ms
+
+    @classmethod
+    def of(
+        cls, label: str, values: list[bytes], offsets: list[int], ingested_ms: list[int]
+    ) -> PolledRecords:
+        """From a value, offset and timestamp per record (as `Consumer.consume` gives them)."""
+        ends = array("q", accumulate(map(len, values)))
+        return cls(
+            label,
+            b"".join(values),
+            ends.tobytes(),
+            array("q", offsets).tobytes(),
+            array("q", ingested_ms).tobytes(),
+        )
 
     def __len__(self) -> int:
-        return len(self.values)
+        return len(self.ends) // 8
 
     def __getitem__(self, i: int) -> RawRecord:  # type: ignore[override] - no slices
+        ends = memoryview(self.ends).cast("q")
+        i = range(len(ends))[i]  # IndexError past either end, as a list
+        start = ends[i - 1] if i > 0 else 0
         return RawRecord(
-            self.values[i], f"{self.label}/{self.offsets[i]}", self.ingested_ms[i] / 1000
+            self.values[start : ends[i]],
+            f"{self.label}/{memoryview(self.offsets).cast('q')[i]}",
+            memoryview(self.ingested_ms).cast("q")[i] / 1000,
         )
 
     def __iter__(self) -> Iterator[RawRecord]:
-        return map(self.__getitem__, range(len(self.values)))
+        return map(self.__getitem__, range(len(self)))
+
+    def last_offset(self) -> int:
+        return memoryview(self.offsets).cast("q")[-1]
 
 
 @dataclass(slots=True)

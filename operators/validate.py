@@ -584,11 +584,11 @@ def decode_batch(batch: RawBatch, registry: ContractRegistry | None = None) -> E
     records = batch.records
     native = _native_decoder(registry)
     if native is not None:
-        values = (
-            records.values if isinstance(records, PolledRecords) else [r.value for r in records]
-        )
         try:
-            deferred, columns = native.decode(values)
+            if isinstance(records, PolledRecords):
+                deferred, columns = native.decode_packed(records.values, records.ends)
+            else:
+                deferred, columns = native.decode([r.value for r in records])
         except BaseException as exc:  # PyO3 raises a Rust panic as a BaseException
             if isinstance(exc, KeyboardInterrupt | SystemExit):
                 raise
@@ -685,8 +685,11 @@ def _native_frame(
         buffers.append(pa.py_buffer(data))
         arrays.append(pa.Array.from_buffers(_ARROW_TYPES[kind], n, buffers))
     if isinstance(records, PolledRecords):
-        offsets = pa.array(records.offsets, pa.int64())
-        ingested = pa.array(records.ingested_ms, pa.int64())
+        count = len(records)
+        offsets = pa.Array.from_buffers(pa.int64(), count, [None, pa.py_buffer(records.offsets)])
+        ingested = pa.Array.from_buffers(
+            pa.int64(), count, [None, pa.py_buffer(records.ingested_ms)]
+        )
         if accepted is not None:
             chosen = pa.array(accepted, pa.int64())
             offsets, ingested = offsets.take(chosen), ingested.take(chosen)

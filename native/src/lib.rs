@@ -17,9 +17,11 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
 
+mod consumer;
 mod encode;
 mod json;
 mod producer;
+mod rdkafka;
 mod sessions;
 use json::{escape, push_float, Json};
 
@@ -327,17 +329,57 @@ impl ContractDecoder {
         py: Python<'py>,
         values: Vec<Bound<'py, PyAny>>,
     ) -> PyResult<(Vec<usize>, Vec<Bound<'py, PyTuple>>)> {
+        let records = values.iter().map(|value| {
+            value
+                .downcast::<PyBytes>()
+                .ok()
+                .map(|bytes| bytes.as_bytes())
+        });
+        self.decode_records(py, values.len(), records)
+    }
+
+    /// As `decode`, of records one after the other in `values`, each ending where `ends` (an
+    /// array of native-endian int64, as `RecordReader.read` returns it) says.
+    fn decode_packed<'py>(
+        &self,
+        py: Python<'py>,
+        values: &[u8],
+        ends: &[u8],
+    ) -> PyResult<(Vec<usize>, Vec<Bound<'py, PyTuple>>)> {
+        let ends: Vec<usize> = ends
+            .chunks_exact(8)
+            .map(|end| i64::from_ne_bytes(end.try_into().unwrap()) as usize)
+            .collect();
+        if ends.windows(2).any(|pair| pair[0] > pair[1]) || ends.last() > Some(&values.len()) {
+            return Err(PyValueError::new_err(
+                "record ends out of order or past the values",
+            ));
+        }
+        let starts = std::iter::once(0).chain(ends.iter().copied());
+        let records = starts
+            .zip(&ends)
+            .map(|(start, &end)| Some(&values[start..end]));
+        self.decode_records(py, ends.len(), records)
+    }
+}
+
+impl ContractDecoder {
+    /// `decode` of `count` records (None: not bytes, deferred).
+    fn decode_records<'py, 'a>(
+        &self,
+        py: Python<'py>,
+        count: usize,
+        records: impl Iterator<Item = Option<&'a [u8]>>,
+    ) -> PyResult<(Vec<usize>, Vec<Bound<'py, PyTuple>>)> {
         let mut columns: Vec<Column> = self
             .columns
             .iter()
-            .map(|&k| Column::new(k, values.len()))
+            .map(|&k| Column::new(k, count))
             .collect();
         let mut deferred = Vec::new();
-        for (i, value) in values.iter().enumerate() {
-            let document = match value.downcast::<PyBytes>() {
-                Ok(bytes) if bytes.as_bytes().len() <= self.max_bytes => {
-                    Json::parse(bytes.as_bytes())
-                }
+        for (i, record) in records.enumerate() {
+            let document = match record {
+                Some(raw) if raw.len() <= self.max_bytes => Json::parse(raw),
                 _ => None,
             };
             match document.as_ref().and_then(|d| self.row(d)) {
@@ -355,9 +397,7 @@ impl ContractDecoder {
             .collect::<PyResult<_>>()?;
         Ok((deferred, columns))
     }
-}
 
-impl ContractDecoder {
     /// The row of one parsed record, or None to defer the record.
     fn row<'a>(&self, document: &'a Json<'a>) -> Option<Vec<Cell<'a>>> {
         let Json::Obj(members) = document else {
@@ -637,6 +677,7 @@ fn pipeline_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ContractDecoder>()?;
     m.add_function(wrap_pyfunction!(encode::json_rows, m)?)?;
     m.add_class::<producer::RecordWriter>()?;
+    m.add_class::<consumer::RecordReader>()?;
     m.add_class::<sessions::SessionEvents>()?;
     m.add_class::<sessions::SessionTable>()?;
     m.add_function(wrap_pyfunction!(sessions::session_events, m)?)?;

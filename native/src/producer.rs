@@ -2,23 +2,16 @@
 //! producer inside a confluent-kafka `Producer`: no Python object per record, and one C call each
 //! instead of a `Producer.produce` call (argument parsing, a topic lookup by name). The
 //! `Producer` keeps doing everything else (transactions, poll, flush), so the records join its
-//! open transaction.
-//!
-//! librdkafka's functions come from the library confluent-kafka loaded (found through its
-//! compiled module), and the `rd_kafka_t` from the `Producer` object: the first field after the
-//! Python object header, where confluent-kafka's `Handle` has kept it since its first release.
-//! `RecordWriter::new` checks that it is a producer handle with the configured client id.
+//! open transaction. The handle comes from the `Producer` (see `rdkafka`).
 
-use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::ffi::{c_int, c_void, CString};
 
-use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 use crate::encode::{ColumnSpec, RowEncoder, TextColumn};
+use crate::rdkafka::{Handle, Librdkafka, RD_KAFKA_PRODUCER};
 
-type Handle = *mut c_void;
-
-const RD_KAFKA_PRODUCER: c_int = 0;
 const RD_KAFKA_MSG_F_COPY: c_int = 0x2;
 const QUEUE_FULL: c_int = -184; // RD_KAFKA_RESP_ERR__QUEUE_FULL
 
@@ -68,78 +61,6 @@ impl Vu {
     }
 }
 
-extern "C" {
-    fn dlopen(filename: *const c_char, flags: c_int) -> *mut c_void;
-    fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *mut c_void;
-    fn dlerror() -> *const c_char;
-}
-const RTLD_NOW: c_int = 2;
-
-/// The librdkafka functions used here.
-struct Librdkafka {
-    produceva: unsafe extern "C" fn(Handle, *const Vu, usize) -> *mut c_void,
-    error_code: unsafe extern "C" fn(*const c_void) -> c_int,
-    error_destroy: unsafe extern "C" fn(*mut c_void),
-    topic_new: unsafe extern "C" fn(Handle, *const c_char, *mut c_void) -> *mut c_void,
-    topic_destroy: unsafe extern "C" fn(*mut c_void),
-    name: unsafe extern "C" fn(Handle) -> *const c_char,
-    kind: unsafe extern "C" fn(Handle) -> c_int,
-}
-
-impl Librdkafka {
-    /// The functions as the shared object `path` (or one it depends on) defines them.
-    fn load(path: &str) -> PyResult<Librdkafka> {
-        let path = CString::new(path)?;
-        // SAFETY: a library that is already loaded (as confluent-kafka's is) is only referenced
-        // again, never unloaded; each symbol is read as the type librdkafka declares it with.
-        unsafe {
-            let library = dlopen(path.as_ptr(), RTLD_NOW);
-            if library.is_null() {
-                return Err(PyRuntimeError::new_err(format!(
-                    "dlopen: {}",
-                    last_dl_error()
-                )));
-            }
-            Ok(Librdkafka {
-                produceva: function(library, "rd_kafka_produceva")?,
-                error_code: function(library, "rd_kafka_error_code")?,
-                error_destroy: function(library, "rd_kafka_error_destroy")?,
-                topic_new: function(library, "rd_kafka_topic_new")?,
-                topic_destroy: function(library, "rd_kafka_topic_destroy")?,
-                name: function(library, "rd_kafka_name")?,
-                kind: function(library, "rd_kafka_type")?,
-            })
-        }
-    }
-}
-
-/// The function `name` of a loaded `library` as `F`, an `unsafe extern "C" fn` type.
-///
-/// # Safety
-/// `F` must be the function's C signature.
-unsafe fn function<F: Copy>(library: *mut c_void, name: &str) -> PyResult<F> {
-    assert_eq!(std::mem::size_of::<F>(), std::mem::size_of::<*mut c_void>());
-    let c_name = CString::new(name)?;
-    let found = dlsym(library, c_name.as_ptr());
-    if found.is_null() {
-        return Err(PyRuntimeError::new_err(format!(
-            "{name} not found in librdkafka"
-        )));
-    }
-    Ok(std::mem::transmute_copy(&found))
-}
-
-fn last_dl_error() -> String {
-    // SAFETY: dlerror returns null or a NUL-terminated message
-    let message = unsafe { dlerror() };
-    if message.is_null() {
-        return "unknown error".into();
-    }
-    unsafe { CStr::from_ptr(message) }
-        .to_string_lossy()
-        .into_owned()
-}
-
 /// Produces the rows of a frame through the librdkafka handle of a confluent-kafka `Producer`.
 #[pyclass(frozen)]
 pub struct RecordWriter {
@@ -161,23 +82,8 @@ impl RecordWriter {
         client_id: &str,
     ) -> PyResult<RecordWriter> {
         let librdkafka = Librdkafka::load(library)?;
-        // SAFETY: a confluent-kafka Handle holds its rd_kafka_t * right after the object header
-        let handle = unsafe {
-            *(producer.as_ptr() as *const u8)
-                .add(handle_offset)
-                .cast::<Handle>()
-        };
-        let expected = format!("{client_id}#producer-");
-        let is_producer = !handle.is_null()
-            && unsafe { (librdkafka.kind)(handle) } == RD_KAFKA_PRODUCER
-            && unsafe { CStr::from_ptr((librdkafka.name)(handle)) }
-                .to_bytes()
-                .starts_with(expected.as_bytes());
-        if !is_producer {
-            return Err(PyRuntimeError::new_err(
-                "not the librdkafka producer of this Producer (confluent-kafka changed its layout?)",
-            ));
-        }
+        let handle =
+            librdkafka.client_handle(&producer, handle_offset, RD_KAFKA_PRODUCER, client_id)?;
         Ok(RecordWriter {
             handle: handle as usize,
             librdkafka,
@@ -235,7 +141,7 @@ impl RecordWriter {
                     let count = if key.is_some() { 4 } else { 3 };
                     // SAFETY: librdkafka copies value and key (F_COPY) before produceva returns
                     unsafe {
-                        let failure = (api.produceva)(handle, args.as_ptr(), count);
+                        let failure = (api.produceva)(handle, args.as_ptr().cast(), count);
                         if !failure.is_null() {
                             let error = (api.error_code)(failure);
                             (api.error_destroy)(failure);

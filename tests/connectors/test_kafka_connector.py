@@ -12,7 +12,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 from connectors import kafka
 from dataflows.config import Settings
 from dataflows.outputs import KAFKA_FORMATS
-from operators.model import arrow_columns, as_dicts
+from operators.model import RawRecord, arrow_columns, as_dicts
 from tests import chaos
 
 
@@ -418,6 +418,69 @@ def test_the_compiled_writer_takes_only_the_producer_handle_it_was_given():
     consumer.close()
     with pytest.raises(RuntimeError, match="dlopen"):
         kafka.RecordWriter(producer, "/nonexistent/librdkafka.so", object.__basicsize__, "mine")
+
+
+def test_the_compiled_reader_takes_only_the_consumer_handle_it_was_given():
+    pytest.importorskip("pipeline_native")
+    config = {"bootstrap.servers": "127.0.0.1:1", "client.id": "mine", "group.id": "g"}
+    consumer = Consumer(config)
+    consumer.assign([TopicPartition("t", 0, 0)])
+    assert kafka.record_reader(consumer, config, "t", 0) is not None
+    assert kafka.record_reader(consumer, {**config, "client.id": "another"}, "t", 0) is None
+    producer = Producer({"bootstrap.servers": "127.0.0.1:1", "client.id": "mine"})
+    assert kafka.record_reader(producer, config, "t", 0) is None
+    reader = kafka.record_reader(consumer, config, "t", 0)
+    reader.close()
+    reader.close()  # once is enough; again does nothing
+    with pytest.raises(RuntimeError, match="closed"):
+        reader.read(10, 0, 0)
+    consumer.close()
+
+
+@pytest.mark.servers
+def test_the_compiled_reader_reads_what_consume_reads(settings, unique, monkeypatch):
+    pytest.importorskip("pipeline_native")
+    topic = f"{unique}.raw"
+    kafka.ensure_topics(settings, [topic], partitions=1)
+    servers = settings.kafka_bootstrap_servers
+    plain = Producer({"bootstrap.servers": servers})
+    for i in range(150):
+        plain.produce(topic, b'{"n":%d}' % i, timestamp=1_700_000_000_000 + i)
+    plain.produce(topic, None)  # a tombstone: no value, and no timestamp given (the broker's)
+    plain.flush(10)
+    # Transactions leave control records between these: offsets with gaps.
+    transactional = Producer({"bootstrap.servers": servers, "transactional.id": f"{unique}.tx"})
+    transactional.init_transactions(30)
+    for first in (200, 250):
+        transactional.begin_transaction()
+        for i in range(first, first + 50):
+            transactional.produce(topic, b'{"n":%d}' % i, timestamp=1_700_000_000_000 + i)
+        transactional.commit_transaction(30)
+    small_batches = settings.model_copy(update={"pipeline_batch_size": 64})
+
+    def read(compiled: bool) -> list[RawRecord]:
+        if not compiled:
+            monkeypatch.setattr(kafka, "RecordReader", None)
+        source = kafka.KafkaBatchSource(small_batches, stop_at_end=True)
+        part = source.build_part("read", f"{topic}/0", None)
+        assert (part._reader is not None) is compiled
+        records = []
+        with pytest.raises(StopIteration):
+            while True:
+                records += [r for batch in part.next_batch() for r in batch.records]
+        part.close()
+        return records
+
+    compiled = read(True)
+    assert compiled == read(False)
+    values = [r.value for r in compiled]
+    assert values == [b'{"n":%d}' % i for i in range(150)] + [b""] + [
+        b'{"n":%d}' % i for i in range(200, 300)
+    ]
+    assert compiled[7] == RawRecord(b'{"n":7}', f"{topic}/0/7", 1_700_000_000.007)
+    offsets = [int(r.source.rsplit("/", 1)[1]) for r in compiled]
+    assert offsets == list(range(201)) + list(range(202, 252))  # 201: the first commit's marker
+    assert compiled[150].ingested_at > 1_700_000_000  # the broker's timestamp
 
 
 def test_a_record_the_producer_refuses_raises_a_kafka_error():

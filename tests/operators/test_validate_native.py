@@ -7,6 +7,7 @@ import json
 import math
 import random
 import struct
+from array import array
 
 import polars as pl
 import pytest
@@ -205,11 +206,13 @@ def test_a_kafka_poll_as_columns_decodes_as_its_records(monkeypatch):
     values.insert(3, _json({**BASE, "event_id": "py-only", "timestamp": "2024-05-01 08:00Z"}))
     offsets = [1000 + 2 * i for i in range(len(values))]
     stamps = [1714550400000 + i // 100 for i in range(len(values))]
-    polled = PolledRecords("events.raw/4", values, offsets, stamps)
+    polled = PolledRecords.of("events.raw/4", values, offsets, stamps)
     records = [
         RawRecord(v, f"events.raw/4/{o}", s / 1000) for v, o, s in zip(values, offsets, stamps)
     ]
-    assert list(polled) == records and polled[3] == records[3]
+    assert list(polled) == records and polled[3] == records[3] and polled[-1] == records[-1]
+    with pytest.raises(IndexError):
+        polled[len(records)]
     for native in (True, False):
         if not native:
             monkeypatch.setattr(validate, "_native_decoder", lambda registry: None)
@@ -218,12 +221,19 @@ def test_a_kafka_poll_as_columns_decodes_as_its_records(monkeypatch):
         assert from_columns.events.to_dicts() == from_records.events.to_dicts()
         assert _stable(from_columns.dlq) == _stable(from_records.dlq)
         assert from_columns.dlq and from_columns.events.row(3, named=True)["event_id"] == "py-only"
-    clean = PolledRecords("t/0", values[:3], offsets[:3], stamps[:3])  # nothing deferred
+    clean = PolledRecords.of("t/0", values[:3], offsets[:3], stamps[:3])  # nothing deferred
     assert validate.decode_batch(RawBatch("p", clean)).events["source"].to_list() == [
         "t/0/1000",
         "t/0/1002",
         "t/0/1004",
     ]
+
+
+def test_packed_records_whose_ends_do_not_fit_are_refused():
+    decoder = validate._native_decoder(default_registry())
+    for ends in ([2, 1], [4], [-1]):
+        with pytest.raises(ValueError, match="ends"):
+            decoder.decode_packed(b"abc", array("q", ends).tobytes())
 
 
 def test_contracts_the_compiled_decoder_cannot_express_are_validated_in_python(monkeypatch, caplog):
