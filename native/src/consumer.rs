@@ -15,7 +15,7 @@ use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
-use crate::rdkafka::{Handle, Librdkafka, Message, Queue, RD_KAFKA_CONSUMER};
+use crate::rdkafka::{Client, Handle, Librdkafka, Message, Queue, RD_KAFKA_CONSUMER};
 
 const PARTITION_EOF: c_int = -191; // RD_KAFKA_RESP_ERR__PARTITION_EOF
 
@@ -33,9 +33,7 @@ type Read<'py> = (
 #[pyclass]
 pub struct RecordReader {
     queue: usize, // rd_kafka_queue_t * of the partition; 0 once closed
-    handle: usize,
-    librdkafka: Librdkafka,
-    _consumer: Py<PyAny>, // keeps the handle alive
+    client: Client,
 }
 
 #[pymethods]
@@ -51,23 +49,26 @@ impl RecordReader {
         topic: &str,
         partition: i32,
     ) -> PyResult<RecordReader> {
-        let librdkafka = Librdkafka::load(library)?;
-        let handle =
-            librdkafka.client_handle(&consumer, handle_offset, RD_KAFKA_CONSUMER, client_id)?;
-        let name = CString::new(topic)?;
-        // SAFETY: `handle` is a live consumer; the queue is ours to destroy (`close`, `drop`)
-        let queue = unsafe { (librdkafka.queue_get_partition)(handle, name.as_ptr(), partition) };
+        let client = Client::new(
+            consumer,
+            library,
+            handle_offset,
+            RD_KAFKA_CONSUMER,
+            client_id,
+        )?;
+        let (api, name) = (&client.api, CString::new(topic)?);
+        // SAFETY: a live consumer; the queue is ours to destroy (`close`, `drop`)
+        let queue =
+            unsafe { (api.queue_get_partition)(client.handle as Handle, name.as_ptr(), partition) };
         if queue.is_null() {
             return Err(PyValueError::new_err(format!(
                 "no queue for {topic}/{partition}"
             )));
         }
-        unsafe { (librdkafka.queue_forward)(queue, std::ptr::null_mut()) };
+        unsafe { (api.queue_forward)(queue, std::ptr::null_mut()) };
         Ok(RecordReader {
             queue: queue as usize,
-            handle: handle as usize,
-            librdkafka,
-            _consumer: consumer.unbind(),
+            client,
         })
     }
 
@@ -86,7 +87,7 @@ impl RecordReader {
         if self.queue == 0 {
             return Err(PyRuntimeError::new_err("the record reader is closed"));
         }
-        let api = &self.librdkafka;
+        let api = &self.client.api;
         let mut messages: Vec<*mut Message> = vec![std::ptr::null_mut(); max];
         let (queue, slots) = (self.queue, messages.as_mut_ptr() as usize);
         // SAFETY: the queue is live until `close`; librdkafka fills at most `max` slots
@@ -146,7 +147,8 @@ impl RecordReader {
             };
             // SAFETY: a live consumer; no error text is asked for
             let fatal =
-                unsafe { (api.fatal_error)(self.handle as Handle, std::ptr::null_mut(), 0) } != 0;
+                unsafe { (api.fatal_error)(self.client.handle as Handle, std::ptr::null_mut(), 0) }
+                    != 0;
             errors.push((m.err, reason, fatal));
         }
         Ok((
@@ -163,7 +165,7 @@ impl RecordReader {
     fn close(&mut self) {
         if self.queue != 0 {
             // SAFETY: our reference, released once
-            unsafe { (self.librdkafka.queue_destroy)(self.queue as Queue) };
+            unsafe { (self.client.api.queue_destroy)(self.queue as Queue) };
             self.queue = 0;
         }
     }

@@ -10,7 +10,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 use crate::encode::{ColumnSpec, RowEncoder, TextColumn};
-use crate::rdkafka::{Handle, Librdkafka, RD_KAFKA_PRODUCER};
+use crate::rdkafka::{Client, Handle, RD_KAFKA_PRODUCER};
 
 const RD_KAFKA_MSG_F_COPY: c_int = 0x2;
 const QUEUE_FULL: c_int = -184; // RD_KAFKA_RESP_ERR__QUEUE_FULL
@@ -64,16 +64,13 @@ impl Vu {
 /// Produces the rows of a frame through the librdkafka handle of a confluent-kafka `Producer`.
 #[pyclass(frozen)]
 pub struct RecordWriter {
-    handle: usize, // rd_kafka_t *
-    librdkafka: Librdkafka,
-    _producer: Py<PyAny>, // keeps the handle alive
+    client: Client,
 }
 
 #[pymethods]
 impl RecordWriter {
-    /// `producer`: a confluent-kafka `Producer`; `library`: the path of confluent-kafka's
-    /// compiled module; `handle_offset`: the size of a Python object header
-    /// (`object.__basicsize__`); `client_id`: the producer's `client.id`.
+    /// `producer`: a confluent-kafka `Producer`; `library`, `handle_offset`: see `Client`;
+    /// `client_id`: the producer's `client.id`.
     #[new]
     fn new(
         producer: Bound<'_, PyAny>,
@@ -81,14 +78,14 @@ impl RecordWriter {
         handle_offset: usize,
         client_id: &str,
     ) -> PyResult<RecordWriter> {
-        let librdkafka = Librdkafka::load(library)?;
-        let handle =
-            librdkafka.client_handle(&producer, handle_offset, RD_KAFKA_PRODUCER, client_id)?;
-        Ok(RecordWriter {
-            handle: handle as usize,
-            librdkafka,
-            _producer: producer.unbind(),
-        })
+        let client = Client::new(
+            producer,
+            library,
+            handle_offset,
+            RD_KAFKA_PRODUCER,
+            client_id,
+        )?;
+        Ok(RecordWriter { client })
     }
 
     /// Produces rows `start..length` of `columns` to `topic` as JSON values (as `json_rows`
@@ -109,18 +106,23 @@ impl RecordWriter {
         let encoder = RowEncoder::new(length, columns)?;
         encoder.check(length)?;
         let keys = keys.map(|spec| TextColumn::new(length, spec)).transpose()?;
-        let api = &self.librdkafka;
+        let api = &self.client.api;
         let name = CString::new(topic)?;
         // SAFETY: `handle` is a live producer (the Producer object is kept alive)
-        let topic_handle =
-            unsafe { (api.topic_new)(self.handle as Handle, name.as_ptr(), std::ptr::null_mut()) };
+        let topic_handle = unsafe {
+            (api.topic_new)(
+                self.client.handle as Handle,
+                name.as_ptr(),
+                std::ptr::null_mut(),
+            )
+        };
         if topic_handle.is_null() {
             return Err(PyValueError::new_err(format!(
                 "no topic handle for {topic}"
             )));
         }
         // raw pointers are not Send: they cross into the GIL-free closure as addresses
-        let (handle, topic_handle) = (self.handle, topic_handle as usize);
+        let (handle, topic_handle) = (self.client.handle, topic_handle as usize);
         let (next, error) = py.allow_threads(|| {
             let (handle, topic_handle) = (handle as Handle, topic_handle as *mut c_void);
             let mut value = Vec::with_capacity(4096);

@@ -133,6 +133,35 @@ impl Librdkafka {
     }
 }
 
+/// The librdkafka handle of a confluent-kafka client object, and the library's functions. Holds
+/// the object, so that the handle stays alive.
+pub struct Client {
+    pub handle: usize, // rd_kafka_t *, as an address: raw pointers do not cross threads
+    pub api: Librdkafka,
+    _object: Py<PyAny>,
+}
+
+impl Client {
+    /// The client `object`, checked to be a `kind` with `client_id` (see `client_handle`);
+    /// `library`: the path of confluent-kafka's compiled module; `handle_offset`: the size of
+    /// a Python object header (`object.__basicsize__`).
+    pub fn new(
+        object: Bound<'_, PyAny>,
+        library: &str,
+        handle_offset: usize,
+        kind: c_int,
+        client_id: &str,
+    ) -> PyResult<Client> {
+        let api = Librdkafka::load(library)?;
+        let handle = api.client_handle(&object, handle_offset, kind, client_id)?;
+        Ok(Client {
+            handle: handle as usize,
+            api,
+            _object: object.unbind(),
+        })
+    }
+}
+
 /// The function `name` of a loaded `library` as `F`, an `unsafe extern "C" fn` type.
 ///
 /// # Safety
