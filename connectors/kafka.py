@@ -227,9 +227,10 @@ class _KafkaPartition(StatefulSourcePartition[RawBatch, int]):
         if self._reader is None:
             messages = self._consumer.consume(self._batch_size, 0.001)
             polled = [message for message in messages if message.error() is None]
-            for message in messages:
-                if message.error() is not None:
-                    self._error(message.error())
+            if len(polled) < len(messages):
+                for message in messages:
+                    if message.error() is not None:
+                        self._error(message.error())
             stamps = [message.timestamp()[1] for message in polled]
             return PolledRecords.of(
                 self._label,
