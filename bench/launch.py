@@ -79,6 +79,9 @@ def main() -> None:
     atexit.register(write)
     import bytewax.connectors.kafka as bytewax_kafka
 
+    # The process's defaults (`dataflows/__init__.py`: one polars thread) are set before
+    # `connectors` imports polars, as when `bytewax.run` imports `dataflows.main` first.
+    import dataflows  # noqa: F401
     import connectors.kafka as our_kafka
 
     _wrap(our_kafka._KafkaPartition)
