@@ -76,12 +76,13 @@ def main() -> None:
         stats["end"] = time.time()
         out.write_text(json.dumps(stats))
 
-    atexit.register(write)
-    import bytewax.connectors.kafka as bytewax_kafka
-
     # The process's defaults (`dataflows/__init__.py`: one polars thread) are set before
     # `connectors` imports polars, as when `bytewax.run` imports `dataflows.main` first.
     import dataflows  # noqa: F401
+
+    atexit.register(write)
+    import bytewax.connectors.kafka as bytewax_kafka
+
     import connectors.kafka as our_kafka
 
     _wrap(our_kafka._KafkaPartition)

@@ -375,6 +375,9 @@ SINK_PRODUCER_TUNING: dict[str, Any] = {
     "delivery.report.only.error": True,
 }
 KAFKA_SINK_NAME = "kafka"  # the `sink` label of the metrics
+# Frames a sink partition may have handed to the compiled writer and not yet seen produced: enough
+# to keep its thread busy while the worker prepares the next one, few enough to bound the memory.
+WRITER_FRAMES_AHEAD = 2
 ID_HEADER = "pipeline-id"  # on dead letters (`KafkaDeadLetters`): the identity to deduplicate on
 
 
@@ -628,24 +631,30 @@ class _TransactionalPartition(StatefulSinkPartition[Rows, SinkState]):
                 admitted = map(ledger.admit, fmt.identities(rows), rows)
                 rows = [row for row in admitted if row is not None]
             keys, values = fmt.keys(rows), [orjson.dumps(row) for row in rows]
+        self._await_writer()  # frames handed to the writer go first, as they came
         self._produce(keys, values)
         return len(values)
 
     def _write_frame(self, rows: pl.DataFrame) -> bool:
-        """Produces a frame by the compiled writer; False (nothing produced) where it cannot
-        write a column's type or a value."""
-        _arrays, columns = arrow_columns(rows, string_views=True)  # alive while produced
+        """Hands a frame to the compiled writer, which produces it on a thread of its own; False
+        (nothing handed over) where it cannot write a column's type or a value."""
+        arrays, columns = arrow_columns(rows, string_views=True)
         keys = _evaluate(self._format.key, rows).to_frame()
-        _key_arrays, (key_column,) = arrow_columns(keys, string_views=True)
-        produce, length = self._writer.produce, rows.height
-        try:
-            start = produce(self._topic, length, columns, key_column)
-        except ValueError:  # checked before the first record: nothing was produced
+        key_arrays, (key_column,) = arrow_columns(keys, string_views=True)
+        self._await_writer(below=WRITER_FRAMES_AHEAD)  # backpressure
+        try:  # the writer holds the arrays until the frame is produced
+            self._writer.submit(self._topic, rows.height, columns, key_column, (arrays, key_arrays))
+        except ValueError:  # checked before it was queued
             return False
-        while start < length:
-            self._producer.poll(0.1)  # local queue full: wait for the broker (backpressure)
-            start = produce(self._topic, length, columns, key_column, start)
         return True
+
+    def _await_writer(self, below: int = 1) -> None:
+        """Wait until fewer than `below` frames are left to the compiled writer (1: all are
+        produced); raises what the writer met."""
+        if self._writer is None:
+            return
+        while not self._writer.wait(0.1, below):
+            self._producer.poll(0)  # error reports (there are no others to serve)
 
     def _produce(self, keys: list[bytes | None], values: list[bytes]) -> None:
         # No delivery callback: a failed delivery fails the transaction's commit, and `tail_from`
@@ -675,6 +684,7 @@ class _TransactionalPartition(StatefulSinkPartition[Rows, SinkState]):
     def _commit(self) -> None:
         if not self._open:
             return
+        self._await_writer()
         while True:
             try:
                 self._producer.commit_transaction(600)  # flushes what is still queued first

@@ -32,6 +32,12 @@ class Settings(BaseSettings):
     pipeline_batch_size: int = Field(
         default=5000, ge=1, description="Most records a source partition hands over at once."
     )
+    pipeline_helper_nice: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description="Nice value of Kafka's helper threads (librdkafka's, the sink writer's).",
+    )
 
     # --- event time ---------------------------------------------------------------------
     pipeline_allowed_lateness_s: float = Field(default=60, ge=0)

@@ -9,7 +9,7 @@ from collections import Counter
 from bytewax.inputs import Source
 
 from connectors.files import JsonLinesSource
-from dataflows import metrics
+from dataflows import metrics, priorities
 from dataflows.config import Settings
 from dataflows.logging import configure, quiet_interrupts
 from operators.contracts import default_registry
@@ -32,7 +32,8 @@ GC_GENERATION0_THRESHOLD = 200_000
 
 def start_operations(settings: Settings) -> None:
     """JSON logs on stderr (an interrupt ends the run with a log line, not a traceback), the
-    metrics endpoint and garbage collector tuning; once per process, before the flow is built.
+    metrics endpoint, garbage collector tuning and the helper threads' priority; once per
+    process, before the flow is built.
 
     Counters are created at zero for every DLQ reason, so that `increase()` in the alerts sees
     the first rejection of a reason (a series that starts at 1 has no increase).
@@ -42,6 +43,7 @@ def start_operations(settings: Settings) -> None:
     gc.freeze()  # what was loaded at start-up (modules, contracts, parsers) is never collected
     configure(settings=settings)
     quiet_interrupts()
+    priorities.start(settings.pipeline_helper_nice)
     m = metrics.get()
     m.events_in(INPUT_STREAM, 0)
     m.late_events(0)

@@ -38,6 +38,7 @@ extern "C" {
 const RTLD_NOW: c_int = 2;
 
 /// The librdkafka functions used here.
+#[derive(Clone, Copy)]
 pub struct Librdkafka {
     pub produceva: unsafe extern "C" fn(Handle, *const c_void, usize) -> *mut c_void,
     pub error_code: unsafe extern "C" fn(*const c_void) -> c_int,

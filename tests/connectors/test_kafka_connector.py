@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from datetime import UTC, datetime
@@ -363,6 +364,14 @@ def test_a_start_without_snapshot_skips_what_the_first_commit_wrote(settings, un
     assert sources == Counter(f"events.raw/0/{i}" for i in range(30))
 
 
+def _threads() -> list[str]:
+    names = []
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/comm") as f:
+            names.append(f.read().rstrip("\n"))
+    return names
+
+
 def _raw_records(settings: Settings, topic: str) -> dict[int, list[tuple[bytes | None, bytes]]]:
     """Per partition, the (key, value) of every committed record in offset order."""
     reader = kafka.consumer(settings, group_id=f"{topic}.raw", **{"enable.partition.eof": True})
@@ -391,6 +400,8 @@ def test_the_compiled_writer_writes_what_produce_writes(settings, unique, monkey
         sink = _sink(settings, topic, f"{topic}-0", "enriched")
         assert (sink._writer is not None) == (path == "compiled")
         sink.write_batch(batches)
+        if path == "compiled":  # produced on the writer's thread, named for its priority
+            assert "kafka-writer" in _threads()
         sink.close()
         written[path] = _raw_records(settings, topic)
     values = [orjson.dumps(row) for rows in batches for row in as_dicts(rows)]
@@ -489,10 +500,16 @@ def test_a_record_the_producer_refuses_raises_a_kafka_error():
     producer = Producer(config)
     writer = kafka.record_writer(producer, config)
     frame = _events(0, 3)
-    _arrays, columns = arrow_columns(frame, string_views=True)
-    with pytest.raises(KafkaException) as raised:  # a transactional producer outside a transaction
-        writer.produce("any", frame.height, columns, None)
-    assert raised.value.args[0].code() == KafkaError._STATE
+    arrays, columns = arrow_columns(frame, string_views=True)
+    # a transactional producer outside a transaction: the writer's thread meets the error, the
+    # next call raises it, and every call after that
+    writer.submit("any", frame.height, columns, None, arrays)
+    for _ in range(2):
+        with pytest.raises(KafkaException) as raised:
+            writer.wait(10)
+        assert raised.value.args[0].code() == KafkaError._STATE
+    with pytest.raises(KafkaException):
+        writer.submit("any", frame.height, columns, None, arrays)
 
 
 @pytest.mark.servers

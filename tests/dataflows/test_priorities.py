@@ -1,0 +1,55 @@
+import ctypes
+import os
+import sys
+import threading
+
+import pytest
+
+from dataflows import priorities
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="thread names and nice: Linux")
+
+PR_SET_NAME = 15
+
+
+def _named_thread(name: bytes, ready: threading.Event, done: threading.Event, ids: dict):
+    def run():
+        ctypes.CDLL(None).prctl(PR_SET_NAME, name, 0, 0, 0)
+        ids[name] = threading.get_native_id()
+        ready.set()
+        done.wait(10)
+
+    return threading.Thread(target=run, daemon=True)
+
+
+def _threads() -> dict[int, str]:
+    names = {}
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/comm") as f:
+            names[int(tid)] = f.read().rstrip("\n")
+    return names
+
+
+def test_only_helper_threads_get_the_lower_priority():
+    names = (b"rdk:broker7", b"kafka-writer", b"polars-0", b"rdk-lookalike")
+    done, ids = threading.Event(), {}
+    started = []
+    for name in names:
+        ready = threading.Event()
+        _named_thread(name, ready, done, ids).start()
+        started.append(ready)
+    try:
+        assert all(ready.wait(10) for ready in started)
+        # every helper of this process, these two and any a Kafka client of another test left
+        helpers = [tid for tid, name in _threads().items() if name.startswith(("rdk:", "kafka-w"))]
+        below = sum(os.getpriority(os.PRIO_PROCESS, tid) < 7 for tid in helpers)
+        assert below >= 2
+        assert priorities.lower_helper_threads(7) == below
+        nice = {name: os.getpriority(os.PRIO_PROCESS, tid) for name, tid in ids.items()}
+        assert nice == {b"rdk:broker7": 7, b"kafka-writer": 7, b"polars-0": 0, b"rdk-lookalike": 0}
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == 0  # the worker's
+        # threads already at (or below) that priority are left as they are
+        assert priorities.lower_helper_threads(7) == 0
+        assert priorities.lower_helper_threads(3) == 0
+    finally:
+        done.set()
