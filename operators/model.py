@@ -7,6 +7,7 @@ small. Only the DLQ travels as a list of dicts (it is rare and irregular by natu
 
 from __future__ import annotations
 
+import time
 import uuid
 from array import array
 from collections.abc import Iterator, Sequence
@@ -176,8 +177,18 @@ def as_dicts(rows: pl.DataFrame | list[dict]) -> list[dict]:
     return rows.with_columns(pl.col(stamps).dt.strftime(ISO_MS_FORMAT)).to_dicts()
 
 
+_last_iso: tuple[int, str] = (0, "")
+
+
 def utc_now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """The wall clock as ISO-8601 UTC with milliseconds; formatted once per millisecond (a batch's
+    DLQ records are mostly stamped within one)."""
+    global _last_iso
+    ms = time.time_ns() // 1_000_000
+    if ms != _last_iso[0]:
+        text = datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
+        _last_iso = (ms, text.replace("+00:00", "Z"))
+    return _last_iso[1]
 
 
 def dlq_record(
