@@ -62,7 +62,6 @@ from functools import lru_cache
 import orjson
 import polars as pl
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from operators import model
 from operators.contracts import Contract, ContractRegistry, FieldSpec, default_registry
@@ -586,7 +585,13 @@ def decode_batch(batch: RawBatch, registry: ContractRegistry | None = None) -> E
     if native is not None:
         try:
             if isinstance(records, PolledRecords):
-                deferred, columns = native.decode_packed(records.values, records.ends)
+                deferred, columns = native.decode_packed(
+                    records.values,
+                    records.ends,
+                    records.label,
+                    records.offsets,
+                    records.ingested_ms,
+                )
             else:
                 deferred, columns = native.decode([r.value for r in records])
         except BaseException as exc:  # PyO3 raises a Rust panic as a BaseException
@@ -675,28 +680,21 @@ def _native_frame(
     """The frame of the compiled decoder's columns for `records` (those at `accepted`: all).
     Built in Arrow and converted once: polars expressions on top (the `source` text, the column
     order) cost half a millisecond a batch, most of the work on the small batches of a live
-    stream."""
+    stream. For a Kafka poll the decoder writes `ingested_at` and `source` as well."""
     n = len(records) if accepted is None else len(accepted)
+    kinds = [kind for _, kind in _NATIVE_COLUMNS]
+    if isinstance(records, PolledRecords):
+        kinds += ["millis", "text"]
     arrays = []
-    for (_, kind), (data, offsets, validity) in zip(_NATIVE_COLUMNS, columns, strict=True):
+    for kind, (data, offsets, validity) in zip(kinds, columns, strict=True):
         buffers = [None if validity is None else pa.py_buffer(validity)]
         if offsets is not None:
             buffers.append(pa.py_buffer(offsets))
         buffers.append(pa.py_buffer(data))
         arrays.append(pa.Array.from_buffers(_ARROW_TYPES[kind], n, buffers))
-    if isinstance(records, PolledRecords):
-        count = len(records)
-        offsets = pa.Array.from_buffers(pa.int64(), count, [None, pa.py_buffer(records.offsets)])
-        ingested = pa.Array.from_buffers(
-            pa.int64(), count, [None, pa.py_buffer(records.ingested_ms)]
-        )
-        if accepted is not None:
-            chosen = pa.array(accepted, pa.int64())
-            offsets, ingested = offsets.take(chosen), ingested.take(chosen)
-        source = pc.binary_join_element_wise(records.label + "/", offsets.cast(pa.string()), "")
-    else:
+    if not isinstance(records, PolledRecords):
         chosen = records if accepted is None else [records[i] for i in accepted]
         ingested = pa.array([round(r.ingested_at * 1000) for r in chosen], pa.int64())
-        source = pa.array([record.source for record in chosen], pa.string())
-    arrays += [ingested.cast(_ARROW_TYPES["millis"]), source]
+        source = pa.array([record.source for record in chosen], pa.large_string())
+        arrays += [ingested.cast(_ARROW_TYPES["millis"]), source]
     return pl.from_arrow(pa.Table.from_arrays(arrays, names=list(EVENT_COLUMNS)))

@@ -335,48 +335,96 @@ impl ContractDecoder {
                 .ok()
                 .map(|bytes| bytes.as_bytes())
         });
-        self.decode_records(py, values.len(), records)
+        self.decode_records(py, values.len(), records, None)
     }
 
     /// As `decode`, of records one after the other in `values`, each ending where `ends` (an
-    /// array of native-endian int64, as `RecordReader.read` returns it) says.
+    /// array of native-endian int64, as `RecordReader.read` returns it) says. Given where the
+    /// records came from, `label` ("topic/partition") and arrays like `ends` with each record's
+    /// `offsets` and `ingested_ms` (epoch milliseconds), two more columns follow: `ingested_at`
+    /// (millis) and `source` (`"<label>/<offset>"`).
+    #[pyo3(signature = (values, ends, label=None, offsets=None, ingested_ms=None))]
     fn decode_packed<'py>(
         &self,
         py: Python<'py>,
         values: &[u8],
         ends: &[u8],
+        label: Option<&str>,
+        offsets: Option<&[u8]>,
+        ingested_ms: Option<&[u8]>,
     ) -> PyResult<(Vec<usize>, Vec<Bound<'py, PyTuple>>)> {
-        let ends: Vec<usize> = ends
-            .chunks_exact(8)
-            .map(|end| i64::from_ne_bytes(end.try_into().unwrap()) as usize)
-            .collect();
-        if ends.windows(2).any(|pair| pair[0] > pair[1]) || ends.last() > Some(&values.len()) {
+        let ends = int64s(ends);
+        let count = ends.len();
+        if ends.windows(2).any(|pair| pair[0] > pair[1])
+            || ends.first().is_some_and(|&end| end < 0)
+            || ends.last().is_some_and(|&end| end as usize > values.len())
+        {
             return Err(PyValueError::new_err(
                 "record ends out of order or past the values",
             ));
         }
+        let origin = match (label, offsets, ingested_ms) {
+            (None, None, None) => None,
+            (Some(label), Some(offsets), Some(ingested)) => {
+                let (offsets, ingested) = (int64s(offsets), int64s(ingested));
+                if offsets.len() != count || ingested.len() != count {
+                    return Err(PyValueError::new_err(
+                        "one offset and one ingestion time per record",
+                    ));
+                }
+                Some(Origin {
+                    label: label.as_bytes().to_vec(),
+                    offsets,
+                    ingested,
+                })
+            }
+            _ => {
+                return Err(PyValueError::new_err(
+                    "label, offsets and ingested_ms come together",
+                ))
+            }
+        };
         let starts = std::iter::once(0).chain(ends.iter().copied());
         let records = starts
             .zip(&ends)
-            .map(|(start, &end)| Some(&values[start..end]));
-        self.decode_records(py, ends.len(), records)
+            .map(|(start, &end)| Some(&values[start as usize..end as usize]));
+        self.decode_records(py, count, records, origin.as_ref())
     }
 }
 
+/// Native-endian int64s, as Python's `array("q")` holds them.
+fn int64s(bytes: &[u8]) -> Vec<i64> {
+    bytes
+        .chunks_exact(8)
+        .map(|value| i64::from_ne_bytes(value.try_into().unwrap()))
+        .collect()
+}
+
+/// Where the records of a poll came from: the `ingested_at` and `source` of each.
+struct Origin {
+    label: Vec<u8>, // "topic/partition"
+    offsets: Vec<i64>,
+    ingested: Vec<i64>, // epoch ms
+}
+
 impl ContractDecoder {
-    /// `decode` of `count` records (None: not bytes, deferred).
+    /// `decode` of `count` records (None: not bytes, deferred), with the `origin` columns if
+    /// given.
     fn decode_records<'py, 'a>(
         &self,
         py: Python<'py>,
         count: usize,
         records: impl Iterator<Item = Option<&'a [u8]>>,
+        origin: Option<&Origin>,
     ) -> PyResult<(Vec<usize>, Vec<Bound<'py, PyTuple>>)> {
-        let mut columns: Vec<Column> = self
-            .columns
-            .iter()
-            .map(|&k| Column::new(k, count))
-            .collect();
+        let mut kinds = self.columns.clone();
+        if origin.is_some() {
+            kinds.extend([ColumnKind::Millis, ColumnKind::Text]);
+        }
+        let mut columns: Vec<Column> = kinds.iter().map(|&k| Column::new(k, count)).collect();
+        let width = self.columns.len();
         let mut deferred = Vec::new();
+        let mut number = itoa::Buffer::new();
         for (i, record) in records.enumerate() {
             let document = match record {
                 Some(raw) if raw.len() <= self.max_bytes => Json::parse(raw),
@@ -386,6 +434,17 @@ impl ContractDecoder {
                 Some(cells) => {
                     for (column, cell) in columns.iter_mut().zip(&cells) {
                         column.push(cell);
+                    }
+                    if let Some(origin) = origin {
+                        columns[width].push(&Cell::Int(origin.ingested[i]));
+                        let source = &mut columns[width + 1];
+                        source.data.extend_from_slice(&origin.label);
+                        source.data.push(b'/');
+                        source
+                            .data
+                            .extend_from_slice(number.format(origin.offsets[i]).as_bytes());
+                        source.offsets.push(source.data.len() as i64);
+                        source.valid.push(true);
                     }
                 }
                 None => deferred.push(i),

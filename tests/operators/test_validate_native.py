@@ -236,6 +236,15 @@ def test_packed_records_whose_ends_do_not_fit_are_refused():
             decoder.decode_packed(b"abc", array("q", ends).tobytes())
 
 
+def test_the_origin_of_packed_records_comes_whole_and_one_per_record():
+    decoder = validate._native_decoder(default_registry())
+    value = b'{"a":1}'
+    one = array("q", [len(value)]).tobytes()
+    for origin in (("t/0",), ("t/0", one), ("t/0", one + one, one), ("t/0", one, b"")):
+        with pytest.raises(ValueError, match="label|offset"):
+            decoder.decode_packed(value, one, *origin)
+
+
 def test_contracts_the_compiled_decoder_cannot_express_are_validated_in_python(monkeypatch, caplog):
     def version_as_text(specs):
         return [(n, "string" if n == "version" else t, r, m) for n, t, r, m in real(specs)]
