@@ -93,11 +93,17 @@ import geoip2.database
 import geoip2.errors
 import orjson
 import polars as pl
+import pyarrow as pa
 import ua_parser
 from ua_parser import Domain, load_builtins, load_lazy_builtins
 
 from dataflows.config import Settings
-from operators.model import ENRICHMENT_SCHEMA, DlqReason, dlq_record
+from operators.model import ENRICHMENT_SCHEMA, DlqReason, arrow_columns, dlq_record
+
+try:  # native/, built by `make install`
+    from pipeline_native import dictionary_codes as _native_codes
+except ImportError:  # the Python loop below
+    _native_codes = None
 
 STAGE = "enrich"
 
@@ -482,11 +488,9 @@ class Enricher:
         missing: tuple,
     ) -> tuple[list[pl.Series], dict[str, str]]:
         """The `columns` of `lookup` for each of `values`, each distinct value looked up once
-        (`missing` for a null). Distinct values are numbered in Python and the result rows
-        gathered by number: a join costs far more on the small batches of a live stream."""
-        code_of: dict[str | None, int] = {None: 0}
-        codes = [code_of.setdefault(value, len(code_of)) for value in values.to_list()]
-        distinct = list(code_of)[1:]
+        (`missing` for a null). Distinct values are numbered (`dictionary_codes`) and the result
+        rows gathered by number: a join costs far more on the small batches of a live stream."""
+        codes, distinct = dictionary_codes(values)
         results, errors = self._resolve(distinct, lookup)
         # a failed value's row is removed from the batch: its cells may be anything
         rows = [missing, *(results.get(value, missing) for value in distinct)]
@@ -495,7 +499,21 @@ class Enricher:
             schema={c: ENRICHMENT_SCHEMA[c] for c in columns},
             orient="col",
         )
-        return table[pl.Series(codes, dtype=pl.UInt32)].get_columns(), errors
+        return table[codes].get_columns(), errors
+
+
+def dictionary_codes(values: pl.Series) -> tuple[pl.Series, list[str]]:
+    """Each value's code (UInt32: 0 for a null, then 1, 2, … in order of first appearance) and
+    the distinct values in code order. Compiled (`native/src/dictionary.rs`) where built; this
+    loop is its specification."""
+    if _native_codes is not None:
+        _arrays, (column,) = arrow_columns(values.to_frame(), string_views=True)
+        codes, distinct = _native_codes(len(values), column)
+        array = pa.Array.from_buffers(pa.uint32(), len(values), [None, pa.py_buffer(codes)])
+        return pl.Series(values.name, array), distinct
+    code_of: dict[str | None, int] = {None: 0}
+    codes = [code_of.setdefault(value, len(code_of)) for value in values.to_list()]
+    return pl.Series(values.name, codes, dtype=pl.UInt32), list(code_of)[1:]
 
 
 def _short(value: str, limit: int = 200) -> str:

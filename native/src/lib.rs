@@ -1,7 +1,7 @@
 //! Compiled hot paths of the pipeline, each with a Python specification it is tested against:
 //! contract validation (`operators/validate.py`, here), the Kafka sink's JSON values
-//! (`connectors/kafka.py`, in `encode`) and the session table (`operators/sessions.py`, in
-//! `sessions`).
+//! (`connectors/kafka.py`, in `encode`), the session table (`operators/sessions.py`, in
+//! `sessions`) and enrichment's distinct values (`operators/enrich.py`, in `dictionary`).
 //!
 //! `ContractDecoder.decode` takes a batch of raw record values and returns the rows of the records
 //! it accepts as Arrow-layout column buffers, plus the indices of the records it defers. It accepts
@@ -18,6 +18,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
 
 mod consumer;
+mod dictionary;
 mod encode;
 mod json;
 mod producer;
@@ -735,6 +736,7 @@ fn parse_iso_millis(s: &str) -> Option<i64> {
 fn pipeline_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ContractDecoder>()?;
     m.add_function(wrap_pyfunction!(encode::json_rows, m)?)?;
+    m.add_function(wrap_pyfunction!(dictionary::dictionary_codes, m)?)?;
     m.add_class::<producer::RecordWriter>()?;
     m.add_class::<consumer::RecordReader>()?;
     m.add_class::<sessions::SessionEvents>()?;

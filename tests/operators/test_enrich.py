@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from dataflows.config import BUNDLED_GEOIP_CITY_DB, Settings
+from operators import enrich
 from operators.enrich import DEVICE_TYPES, Enricher, device_type
 from operators.model import ENRICHED_SCHEMA, ENRICHMENT_SCHEMA, EVENT_SCHEMA
 
@@ -589,3 +590,26 @@ def test_cache_size_zero_disables_caching_but_still_enriches():
 
 def test_enrichment_columns_match_the_model():
     assert list(ENRICHED_SCHEMA)[-len(ENRICHMENT_SCHEMA) :] == list(ENRICHMENT_SCHEMA)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [],
+        [None, None],
+        ["81.2.69.160", None, "2001:db8::1", "81.2.69.160", "x" * 13, "x" * 12, "", "é" * 40],
+        [f"Mozilla/5.0 ({i % 7})" if i % 5 else None for i in range(5000)],
+    ],
+    ids=["empty", "nulls", "mixed", "many"],
+)
+def test_dictionary_codes_compiled_and_in_python_agree(values, monkeypatch):
+    pytest.importorskip("pipeline_native")
+    series = pl.Series("ip", ["skipped", *values, "skipped too"], dtype=pl.String)[1:-1]  # offset
+    codes, distinct = enrich.dictionary_codes(series)
+    monkeypatch.setattr(enrich, "_native_codes", None)
+    python_codes, python_distinct = enrich.dictionary_codes(series)
+    assert python_codes.to_list() == codes.to_list() and python_distinct == distinct
+    expected = {None: 0}
+    assert codes.dtype == pl.UInt32 and codes.name == "ip"
+    assert codes.to_list() == [expected.setdefault(v, len(expected)) for v in values]
+    assert distinct == list(expected)[1:]
