@@ -30,7 +30,7 @@ class Settings(BaseSettings):
     pipeline_output_dir: Path = Field(default=Path("out"), description="Root of the local sink.")
     pipeline_sinks: str = Field(default="local", description="Comma list of sinks.")
     pipeline_batch_size: int = Field(
-        default=5000, ge=1, description="Most records a source partition hands over at once."
+        default=15000, ge=1, description="Most records a source partition hands over at once."
     )
     pipeline_helper_nice: int = Field(
         default=10,
