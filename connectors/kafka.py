@@ -377,7 +377,7 @@ SINK_PRODUCER_TUNING: dict[str, Any] = {
 KAFKA_SINK_NAME = "kafka"  # the `sink` label of the metrics
 # Frames a sink partition may have handed to the compiled writer and not yet seen produced: enough
 # that the worker rarely waits for the writer's (lower-priority) thread, few enough to bound the
-# memory (an enriched frame of 5,000 rows holds ~6 MB of Arrow buffers).
+# memory (an enriched row holds ~1.2 KB of Arrow buffers).
 WRITER_FRAMES_AHEAD = 4
 ID_HEADER = "pipeline-id"  # on dead letters (`KafkaDeadLetters`): the identity to deduplicate on
 

@@ -21,22 +21,19 @@ HELPER_THREAD_PREFIXES = ("rdk:", "kafka-writer")
 TASKS = "/proc/self/task"
 
 
-def lower_helper_threads(nice: int, tasks: str = TASKS) -> int:
+def lower_helper_threads(nice: int) -> int:
     """Give every helper thread of this process at least `nice`; returns how many it changed."""
     changed = 0
-    for tid in os.listdir(tasks):
+    for tid in os.listdir(TASKS):
         try:
-            with open(f"{tasks}/{tid}/comm") as f:
+            with open(f"{TASKS}/{tid}/comm") as f:
                 name = f.read().rstrip("\n")
-            if not name.startswith(HELPER_THREAD_PREFIXES):
-                continue
-            if os.getpriority(os.PRIO_PROCESS, int(tid)) < nice:
+            helper = name.startswith(HELPER_THREAD_PREFIXES)
+            if helper and os.getpriority(os.PRIO_PROCESS, int(tid)) < nice:
                 os.setpriority(os.PRIO_PROCESS, int(tid), nice)
                 changed += 1
-        except ProcessLookupError:
+        except (FileNotFoundError, ProcessLookupError):
             continue  # the thread ended meanwhile
-        except FileNotFoundError:
-            continue
     return changed
 
 
