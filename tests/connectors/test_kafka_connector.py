@@ -401,6 +401,9 @@ def test_the_compiled_writer_writes_what_produce_writes(settings, unique, monkey
         assert (sink._writer is not None) == (path == "compiled")
         sink.write_batch(batches)
         if path == "compiled":  # produced on the writer's thread, named for its priority
+            deadline = time.monotonic() + 10  # the thread names itself once it runs
+            while "kafka-writer" not in _threads() and time.monotonic() < deadline:
+                time.sleep(0.01)
             assert "kafka-writer" in _threads()
         sink.close()
         written[path] = _raw_records(settings, topic)
