@@ -21,18 +21,28 @@ HELPER_THREAD_PREFIXES = ("rdk:", "kafka-writer")
 TASKS = "/proc/self/task"
 
 
-def lower_helper_threads(nice: int) -> int:
-    """Give every helper thread of this process at least `nice`; returns how many it changed."""
-    changed = 0
+def thread_names() -> dict[int, str]:
+    """The threads of this process by id, with their names (threads that end meanwhile left out)."""
+    names = {}
     for tid in os.listdir(TASKS):
         try:
             with open(f"{TASKS}/{tid}/comm") as f:
-                name = f.read().rstrip("\n")
+                names[int(tid)] = f.read().rstrip("\n")
+        except FileNotFoundError:
+            continue
+    return names
+
+
+def lower_helper_threads(nice: int) -> int:
+    """Give every helper thread of this process at least `nice`; returns how many it changed."""
+    changed = 0
+    for tid, name in thread_names().items():
+        try:
             helper = name.startswith(HELPER_THREAD_PREFIXES)
-            if helper and os.getpriority(os.PRIO_PROCESS, int(tid)) < nice:
-                os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+            if helper and os.getpriority(os.PRIO_PROCESS, tid) < nice:
+                os.setpriority(os.PRIO_PROCESS, tid, nice)
                 changed += 1
-        except (FileNotFoundError, ProcessLookupError):
+        except ProcessLookupError:
             continue  # the thread ended meanwhile
     return changed
 

@@ -24,7 +24,7 @@ const QUEUE_FULL: c_int = -184; // RD_KAFKA_RESP_ERR__QUEUE_FULL
 const INVALID_ARG: c_int = -186; // RD_KAFKA_RESP_ERR__INVALID_ARG
 const UNKNOWN_TOPIC: c_int = -188; // RD_KAFKA_RESP_ERR__UNKNOWN_TOPIC
 
-/// The name of a writer's thread (`dataflows.threads` lowers its priority below the worker's).
+/// The name of a writer's thread (`dataflows.priorities` lowers its priority below the worker's).
 const WRITER_THREAD: &str = "kafka-writer";
 
 // rd_kafka_vtype_t

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import os
 import time
 from collections import Counter
 from datetime import UTC, datetime
@@ -11,6 +10,7 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from connectors import kafka
+from dataflows import priorities
 from dataflows.config import Settings
 from dataflows.outputs import KAFKA_FORMATS
 from operators.model import RawRecord, arrow_columns, as_dicts
@@ -364,14 +364,6 @@ def test_a_start_without_snapshot_skips_what_the_first_commit_wrote(settings, un
     assert sources == Counter(f"events.raw/0/{i}" for i in range(30))
 
 
-def _threads() -> list[str]:
-    names = []
-    for tid in os.listdir("/proc/self/task"):
-        with open(f"/proc/self/task/{tid}/comm") as f:
-            names.append(f.read().rstrip("\n"))
-    return names
-
-
 def _raw_records(settings: Settings, topic: str) -> dict[int, list[tuple[bytes | None, bytes]]]:
     """Per partition, the (key, value) of every committed record in offset order."""
     reader = kafka.consumer(settings, group_id=f"{topic}.raw", **{"enable.partition.eof": True})
@@ -402,9 +394,12 @@ def test_the_compiled_writer_writes_what_produce_writes(settings, unique, monkey
         sink.write_batch(batches)
         if path == "compiled":  # produced on the writer's thread, named for its priority
             deadline = time.monotonic() + 10  # the thread names itself once it runs
-            while "kafka-writer" not in _threads() and time.monotonic() < deadline:
+            while (
+                "kafka-writer" not in priorities.thread_names().values()
+                and time.monotonic() < deadline
+            ):
                 time.sleep(0.01)
-            assert "kafka-writer" in _threads()
+            assert "kafka-writer" in priorities.thread_names().values()
         sink.close()
         written[path] = _raw_records(settings, topic)
     values = [orjson.dumps(row) for rows in batches for row in as_dicts(rows)]

@@ -22,14 +22,6 @@ def _named_thread(name: bytes, ready: threading.Event, done: threading.Event, id
     return threading.Thread(target=run, daemon=True)
 
 
-def _threads() -> dict[int, str]:
-    names = {}
-    for tid in os.listdir("/proc/self/task"):
-        with open(f"/proc/self/task/{tid}/comm") as f:
-            names[int(tid)] = f.read().rstrip("\n")
-    return names
-
-
 def test_only_helper_threads_get_the_lower_priority():
     names = (b"rdk:broker7", b"kafka-writer", b"polars-0", b"rdk-lookalike")
     done, ids = threading.Event(), {}
@@ -41,7 +33,11 @@ def test_only_helper_threads_get_the_lower_priority():
     try:
         assert all(ready.wait(10) for ready in started)
         # every helper of this process, these two and any a Kafka client of another test left
-        helpers = [tid for tid, name in _threads().items() if name.startswith(("rdk:", "kafka-w"))]
+        helpers = [
+            tid
+            for tid, name in priorities.thread_names().items()
+            if name.startswith(("rdk:", "kafka-w"))
+        ]
         below = sum(os.getpriority(os.PRIO_PROCESS, tid) < 7 for tid in helpers)
         assert below >= 2
         assert priorities.lower_helper_threads(7) == below
