@@ -13,6 +13,8 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 
+use rustc_hash::FxHashMap;
+
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
@@ -24,7 +26,7 @@ mod json;
 mod producer;
 mod rdkafka;
 mod sessions;
-use json::{escape, push_float, Json};
+use json::{dump, members_of, object_members, Members, Raw};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -81,8 +83,16 @@ enum Cell<'a> {
     Int(i64),
 }
 
-impl Cell<'_> {
-    fn text(&self) -> Option<&str> {
+impl<'a> Cell<'a> {
+    /// A string's value: borrowed from the record unless it had escapes.
+    fn text(value: Cow<'a, str>) -> Cell<'a> {
+        match value {
+            Cow::Borrowed(s) => Cell::Str(s),
+            Cow::Owned(s) => Cell::Owned(s),
+        }
+    }
+
+    fn as_text(&self) -> Option<&str> {
         match self {
             Cell::Str(s) => Some(s),
             Cell::Owned(s) => Some(s.as_str()),
@@ -90,6 +100,9 @@ impl Cell<'_> {
         }
     }
 }
+
+/// Rows after which the text columns reserve room for the rest of the batch.
+const SAMPLE_ROWS: usize = 64;
 
 /// One output column in Arrow's layout: values (text as bytes plus int64 offsets) and validity.
 struct Column {
@@ -119,12 +132,22 @@ impl Column {
         }
     }
 
+    /// Reserves room for `rows` in all as the rows so far need, plus an eighth: text columns start
+    /// small, and growing one of megabytes by doubling copies it again and again.
+    fn reserve_like_sample(&mut self, rows: usize) {
+        let sampled = self.valid.len();
+        if self.kind == ColumnKind::Text && sampled > 0 && rows > sampled {
+            let per_row = self.data.len().div_ceil(sampled);
+            self.data.reserve((rows - sampled) * per_row * 9 / 8);
+        }
+    }
+
     /// Appends a cell that `ContractDecoder::fields` found to fit this column.
     fn push(&mut self, cell: &Cell) {
         self.valid.push(!matches!(cell, Cell::Null));
         match self.kind {
             ColumnKind::Text => {
-                if let Some(text) = cell.text() {
+                if let Some(text) = cell.as_text() {
                     self.data.extend_from_slice(text.as_bytes());
                 }
                 self.offsets.push(self.data.len() as i64);
@@ -176,7 +199,7 @@ struct Contract {
 #[pyclass(frozen)]
 struct ContractDecoder {
     contracts: Vec<Contract>,
-    by_urn: HashMap<String, Vec<(i64, usize)>>, // urn → (version, contract)
+    by_urn: FxHashMap<String, Vec<(i64, usize)>>, // urn → (version, contract)
     columns: Vec<ColumnKind>,
     event_id: usize, // column of the event id (seed of a derived correlation id)
     correlation_id: usize, // column of the correlation id
@@ -292,7 +315,7 @@ impl ContractDecoder {
             ));
         }
         let mut built = Vec::new();
-        let mut by_urn: HashMap<String, Vec<(i64, usize)>> = HashMap::new();
+        let mut by_urn: FxHashMap<String, Vec<(i64, usize)>> = FxHashMap::default();
         for (urn, version, fields, paths) in contracts {
             let mut slots = HashMap::new();
             for (col, path) in paths {
@@ -426,12 +449,13 @@ impl ContractDecoder {
         let width = self.columns.len();
         let mut deferred = Vec::new();
         let mut number = itoa::Buffer::new();
+        let mut members = Members::new(); // one record's, reused
         for (i, record) in records.enumerate() {
-            let document = match record {
-                Some(raw) if raw.len() <= self.max_bytes => Json::parse(raw),
+            let parsed = match record {
+                Some(raw) if raw.len() <= self.max_bytes => object_members(raw, &mut members),
                 _ => None,
             };
-            match document.as_ref().and_then(|d| self.row(d)) {
+            match parsed.and_then(|()| self.row(&members)) {
                 Some(cells) => {
                     for (column, cell) in columns.iter_mut().zip(&cells) {
                         column.push(cell);
@@ -447,6 +471,11 @@ impl ContractDecoder {
                         source.offsets.push(source.data.len() as i64);
                         source.valid.push(true);
                     }
+                    if columns[0].valid.len() == SAMPLE_ROWS {
+                        for column in columns.iter_mut() {
+                            column.reserve_like_sample(count);
+                        }
+                    }
                 }
                 None => deferred.push(i),
             }
@@ -458,20 +487,29 @@ impl ContractDecoder {
         Ok((deferred, columns))
     }
 
-    /// The row of one parsed record, or None to defer the record.
-    fn row<'a>(&self, document: &'a Json<'a>) -> Option<Vec<Cell<'a>>> {
-        let Json::Obj(members) = document else {
+    /// The row of a record that is an object with these members, or None to defer the record.
+    fn row<'a>(&self, members: &Members<'a>) -> Option<Vec<Cell<'a>>> {
+        let last = |key: &str| members.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v);
+        let Some(Raw::Str(urn)) = last("schema_urn") else {
             return None;
         };
-        let urn = document.get("schema_urn")?.as_str()?;
-        let version = document.get("version")?.as_i64()?;
-        let &(_, contract) = self.by_urn.get(urn)?.iter().find(|(v, _)| *v == version)?;
+        let Some(&Raw::Int(version)) = last("version") else {
+            return None;
+        };
+        let &(_, contract) = self
+            .by_urn
+            .get(&*urn.value())?
+            .iter()
+            .find(|(v, _)| *v == version)?;
         let mut cells: Vec<Cell> = (0..self.columns.len()).map(|_| Cell::Null).collect();
         if !self.fields(members, &self.contracts[contract].fields, &mut cells) {
             return None;
         }
-        if cells[self.correlation_id].text().is_none_or(str::is_empty) {
-            let seed = cells[self.event_id].text()?;
+        if cells[self.correlation_id]
+            .as_text()
+            .is_none_or(str::is_empty)
+        {
+            let seed = cells[self.event_id].as_text()?;
             cells[self.correlation_id] = Cell::Owned(uuid5(&self.namespace, seed));
         }
         Some(cells)
@@ -481,12 +519,12 @@ impl ContractDecoder {
     /// their cells.
     fn fields<'a>(
         &self,
-        members: &'a [(Cow<'a, str>, Json<'a>)],
+        members: &[(Cow<'a, str>, Raw<'a>)],
         specs: &[Field],
         cells: &mut [Cell<'a>],
     ) -> bool {
         // each spec's value: the last member of its name, as in a Python dict
-        let mut found: Vec<Option<&'a Json<'a>>> = vec![None; specs.len()];
+        let mut found: Vec<Option<Raw<'a>>> = vec![None; specs.len()];
         // members mostly come in the contract's order: look from after the last one found
         let mut next = 0;
         for (key, value) in members {
@@ -494,12 +532,12 @@ impl ContractDecoder {
                 .chain(0..next)
                 .find(|&i| specs[i].name == *key)
             {
-                found[i] = Some(value);
+                found[i] = Some(*value);
                 next = i + 1;
             }
         }
         for (spec, value) in specs.iter().zip(found) {
-            let Some(value) = value.filter(|v| !matches!(v, Json::Null)) else {
+            let Some(value) = value.filter(|v| !matches!(v, Raw::Null)) else {
                 if spec.required || spec.envelope {
                     return false;
                 }
@@ -507,35 +545,39 @@ impl ContractDecoder {
             };
             let cell = match (spec.kind, value) {
                 // urn and version equal the contract's: it was chosen by them
-                (_, Json::Str(s)) if spec.envelope => Cell::Str(s),
-                (_, Json::Int(v)) if spec.envelope => Cell::Int(*v),
-                (Kind::Str, Json::Str(s)) => {
-                    if spec.required && s.is_empty() {
+                (_, Raw::Str(s)) if spec.envelope => Cell::text(s.value()),
+                (_, Raw::Int(v)) if spec.envelope => Cell::Int(v),
+                (Kind::Str, Raw::Str(s)) => {
+                    let text = s.value();
+                    if spec.required && text.is_empty() {
                         return false;
                     }
-                    Cell::Str(s)
+                    Cell::text(text)
                 }
-                (Kind::Timestamp, Json::Str(s)) => match parse_iso_millis(s) {
+                (Kind::Timestamp, Raw::Str(s)) => match parse_iso_millis(&s.value()) {
                     Some(ms) => Cell::Int(ms),
                     None => return false,
                 },
-                (Kind::Timestamp, Json::Int(ms)) => Cell::Int(*ms),
-                (Kind::Int, Json::Int(v)) => Cell::Int(*v),
-                (Kind::Int, Json::UInt(_)) => Cell::Null, // a valid integer, but no column value
-                (Kind::Num, Json::Int(_) | Json::UInt(_) | Json::Float(_))
-                | (Kind::Bool, Json::Bool(_)) => Cell::Null,
-                (Kind::Obj, Json::Obj(inner)) if spec.members.is_some() => {
-                    if !self.fields(inner, spec.members.as_ref().unwrap(), cells) {
+                (Kind::Timestamp, Raw::Int(ms)) => Cell::Int(ms),
+                (Kind::Int, Raw::Int(v)) => Cell::Int(v),
+                (Kind::Int, Raw::UInt(_)) => Cell::Null, // a valid integer, but no column value
+                (Kind::Num, Raw::Int(_) | Raw::UInt(_) | Raw::Float(_))
+                | (Kind::Bool, Raw::Bool(_)) => Cell::Null,
+                (Kind::Obj, Raw::Obj(text)) if spec.members.is_some() => {
+                    let mut inner = Members::new();
+                    if members_of(text, &mut inner).is_none()
+                        || !self.fields(&inner, spec.members.as_ref().unwrap(), cells)
+                    {
                         return false;
                     }
                     continue;
                 }
-                (Kind::Obj, Json::Obj(_)) | (Kind::Arr, Json::Arr(_)) => {
+                (Kind::Obj, Raw::Obj(_)) | (Kind::Arr, Raw::Arr(_)) => {
                     if spec.slot.is_none() {
                         continue;
                     }
                     let mut text = Vec::new();
-                    if !dump(value, &mut text) {
+                    if dump(&value, &mut text).is_none() {
                         return false;
                     }
                     // parts of valid strings and ASCII: valid UTF-8
@@ -564,54 +606,6 @@ impl ContractDecoder {
         }
         true
     }
-}
-
-/// Compact JSON as `orjson.dumps` writes the value `orjson.loads` gives (false: not expressible).
-fn dump(value: &Json, out: &mut Vec<u8>) -> bool {
-    match value {
-        Json::Null => out.extend_from_slice(b"null"),
-        Json::Bool(true) => out.extend_from_slice(b"true"),
-        Json::Bool(false) => out.extend_from_slice(b"false"),
-        Json::Int(v) => out.extend_from_slice(v.to_string().as_bytes()),
-        Json::UInt(v) => out.extend_from_slice(v.to_string().as_bytes()),
-        // serde_json reads `-0` as the float -0.0, orjson as the integer 0: ambiguous
-        Json::Float(f) if *f == 0.0 && f.is_sign_negative() => return false,
-        Json::Float(f) => push_float(*f, out),
-        Json::Str(s) => escape(s.as_bytes(), out),
-        Json::Arr(items) => {
-            out.push(b'[');
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                if !dump(item, out) {
-                    return false;
-                }
-            }
-            out.push(b']');
-        }
-        Json::Obj(members) => {
-            // a repeated key keeps its first place and its last value in Python: left to it
-            for (i, (key, _)) in members.iter().enumerate() {
-                if members[..i].iter().any(|(k, _)| k == key) {
-                    return false;
-                }
-            }
-            out.push(b'{');
-            for (i, (key, item)) in members.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                escape(key.as_bytes(), out);
-                out.push(b':');
-                if !dump(item, out) {
-                    return false;
-                }
-            }
-            out.push(b'}');
-        }
-    }
-    true
 }
 
 /// uuid5(namespace, seed) as text, as `uuid.uuid5` formats it.

@@ -134,6 +134,51 @@ def _variants() -> list[bytes]:
     return values
 
 
+def _grammar_cases() -> list[bytes]:
+    """JSON text at the edges of the grammar the compiled decoder reads by hand: numbers, escapes,
+    whitespace, literals, nesting and broken structure, in a field it reads and in one it skips."""
+    head = _json(BASE)[:-1]
+    numbers = [
+        b"0", b"-0", b"01", b"1.", b".5", b"-", b"+1", b"1e", b"1e+", b"1E5", b"1.5e-3", b"-0.0",
+        b"1e-400", b"1e400", b"-1e400", b"9223372036854775807", b"9223372036854775808",
+        b"-9223372036854775808", b"-9223372036854775809", b"18446744073709551616",
+        b"1" * 400, b"0.1e1", b"2e0", b"0x10", b"NaN", b"Infinity", b"--1",
+    ]  # fmt: skip
+    strings = [
+        rb'"\x"', rb'"\u12"', rb'"\u12g4"', rb'"\uD800\u0041"', rb'"\uDC00"', rb'"\uD83D\uDE00"',
+        rb'"\uD83D"', rb'"a\/b"', rb'"\b\f\n\r\t"', b'"raw\ttab"', b'"unterminated', rb'"end\"',
+        rb'"\u0000"', b'"\x7f"', rb'"\"quoted\""',
+    ]  # fmt: skip
+    values = []
+    for text in numbers + strings + [b"tru", b"truex", b"nul", b"false", b"[1,]", b"{,}"]:
+        values.append(head + b',"version":' + text + b"}")
+        values.append(head + b',"extra":' + text + b"}")
+        values.append(head + b',"properties":{"v":' + text + b"}}")
+        values.append(head + b',"properties":[' + text + b"]}")
+        if text.startswith(b'"'):
+            values.append(head + b',"url":' + text + b"}")
+            values.append(head + b',"timestamp":' + text + b"}")
+    values += [
+        head + rb',"t\u0065nant":"escaped-key"}',  # an escaped key names a field
+        head + b',"":1,"extra":{"":[]}}',
+        head + b',"extra":{"a":1,}}',
+        head + b',"extra":{"a" 1}}',
+        head + b',"extra":[1 2]}',
+        head + b',"extra":{"a":1}}}',
+        head + b" , \t\r\n\"extra\" \n:\t[ 1 , { } ] \r}",
+        head + b',"properties":{"a":{"b":[true,false,null,"x",1.25,-3]},"c":"\\u00e9"}}',
+        head + b',"properties":' + b'{"a":' * 125 + b"1" + b"}" * 125 + b"}",  # 127 deep
+        head + b',"properties":' + b'{"a":' * 126 + b"1" + b"}" * 126 + b"}",  # 128 deep
+        head + b',"error":{"message":"m","stack":"s\\nat x","message":"last"}}',
+        head + b',"error":{"message":"m",}}',
+        b'{"schema_urn":"urn:nc:events:web"}',
+        b"\t" + _json(BASE) + b"\r\n",
+        b"{" + _json(BASE)[1:-1].replace(b",", b" ,\n ") + b"}",
+        b'["schema_urn"]',
+    ]
+    return values
+
+
 def test_every_variant_decodes_as_in_python():
     values = _variants()
     batch = _assert_same(values)
@@ -141,13 +186,19 @@ def test_every_variant_decodes_as_in_python():
 
 
 def test_one_record_at_a_time_as_in_python():
-    for value in _variants():
+    for value in _variants() + _grammar_cases():
         _assert_same([value])
+
+
+def test_json_at_the_edges_of_the_grammar_decodes_as_in_python():
+    values = _grammar_cases()
+    batch = _assert_same(values)
+    assert batch.events.height > 30 and len(batch.dlq) > 30
 
 
 def test_random_mutations_decode_as_in_python():
     rng = random.Random(7)
-    pool = _variants() + list(generate(2000, seed=3))
+    pool = _variants() + _grammar_cases() + list(generate(2000, seed=3))
     values = []
     for _ in range(3000):
         value = bytearray(rng.choice(pool))
