@@ -1,12 +1,13 @@
 //! JSON as the decoder reads it: one pass over a record's text that checks all of it (RFC 8259)
-//! and hands back the members of the top-level object, each value read as far as the decoder
-//! needs: scalars as values, strings as their text (unescaped only when asked for), objects and
-//! arrays as their text, scanned again only if a contract looks inside. No tree is built: that
-//! was most of the decoder's time.
+//! and hands back the members of the top-level object, each value read only as far as the
+//! decoder needs: scalars as values, strings as their text (unescaped when asked for), objects
+//! and arrays as their text, scanned again only if a contract looks inside. It replaced a parse
+//! into a tree (serde_json), which cost more than reading the record.
 //!
-//! The limits are those of the parser the Python path's orjson matches on these points: strings
-//! with a lone surrogate and numbers out of a double's range make a document invalid; nesting
-//! deeper than 127 is refused here (orjson goes further: the Python path decides those records).
+//! A record this refuses is deferred to the Python path, never rejected here. Where parsers
+//! differ, it refuses what orjson (the Python path's) refuses: a lone surrogate in a string, a
+//! number beyond a double's range. Nesting deeper than 127 is refused too and left to the Python
+//! path (orjson reads up to 1,024).
 
 use std::borrow::Cow;
 
@@ -464,45 +465,10 @@ const fn escaped_bytes() -> [bool; 256] {
 
 static ESCAPED: [bool; 256] = escaped_bytes();
 
-/// Where the first byte of `text` that JSON must escape is, if any: a string's end when reading,
-/// the next escape when writing. Sixteen bytes at a time (SSE2, which every x86-64 has), then
-/// eight: most values (user agents, URLs, ids) have none, and a byte-by-byte scan was the
-/// encoder's largest cost.
+/// Where the first byte of `text` that JSON must escape is, if any: a string's end (or an escape)
+/// when reading, the next escape when writing. Eight bytes at a time: most values (user agents,
+/// URLs, ids) have none, and a byte-by-byte scan was the encoder's largest cost.
 fn first_escaped(text: &[u8]) -> Option<usize> {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let mut at = 0;
-        while at + 16 <= text.len() {
-            let found = escaped_in_16(&text[at..at + 16]);
-            if found != 0 {
-                return Some(at + found.trailing_zeros() as usize);
-            }
-            at += 16;
-        }
-        first_escaped_in_words(&text[at..]).map(|i| at + i)
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    first_escaped_in_words(text)
-}
-
-/// A bit per byte of `chunk` (16 bytes) that JSON must escape.
-#[cfg(target_arch = "x86_64")]
-fn escaped_in_16(chunk: &[u8]) -> u32 {
-    use std::arch::x86_64::*;
-    debug_assert_eq!(chunk.len(), 16);
-    // SAFETY: SSE2 is part of x86-64; the load reads the 16 bytes of `chunk`, unaligned.
-    unsafe {
-        let bytes = _mm_loadu_si128(chunk.as_ptr() as *const __m128i);
-        let quote = _mm_cmpeq_epi8(bytes, _mm_set1_epi8(b'"' as i8));
-        let backslash = _mm_cmpeq_epi8(bytes, _mm_set1_epi8(b'\\' as i8));
-        // a control character: max(byte, 0x1f) == 0x1f, unsigned
-        let limit = _mm_set1_epi8(0x1f);
-        let control = _mm_cmpeq_epi8(_mm_max_epu8(bytes, limit), limit);
-        _mm_movemask_epi8(_mm_or_si128(_mm_or_si128(quote, backslash), control)) as u32
-    }
-}
-
-fn first_escaped_in_words(text: &[u8]) -> Option<usize> {
     const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
     const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
     // the lowest flagged byte of each test is exact (borrows only run upwards), so the lowest
