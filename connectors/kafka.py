@@ -35,7 +35,14 @@ from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
 from connectors.base import TransientSinkError, oldest_ingested_at
 from dataflows import metrics
 from dataflows.config import Settings
-from operators.model import ISO_MS_FORMAT, PolledRecords, RawBatch, arrow_columns, as_dicts
+from operators.model import (
+    ISO_MS_FORMAT,
+    PolledRecords,
+    RawBatch,
+    Rows,
+    arrow_columns,
+    as_dicts,
+)
 from operators.placement import sink_part
 
 try:  # native/, built by `make install`: `_json_values`, `record_writer`, `record_reader`
@@ -363,7 +370,6 @@ class KafkaBatchSource(FixedPartitionedSource[RawBatch, int]):
 # re-numbered above what was committed, so revisions stay unique and increasing. The protocol is
 # in docs/exactly-once.md.
 
-Rows = pl.DataFrame | list[dict]
 # Producer settings of the stream sinks besides `compression.type` (KAFKA_COMPRESSION); a key set
 # in KAFKA_CONFIG wins. The sinks register no delivery callback (a failed delivery fails the
 # transaction's commit), so only failed deliveries are reported: otherwise every poll hands each

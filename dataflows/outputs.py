@@ -34,7 +34,7 @@ class Outputs:
 
     enriched: Stream[tuple[str, pl.DataFrame]]
     aggregates: Stream[tuple[str, list[dict]]]
-    sessions: Stream[tuple[str, list[dict]]]
+    sessions: Stream[tuple[str, pl.DataFrame]]
     late: Stream[tuple[str, pl.DataFrame]]
     dlq: Stream[tuple[str, list[dict]]]
 

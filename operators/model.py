@@ -169,7 +169,11 @@ def derive_correlation_id(seed: str) -> str:
 ISO_MS_FORMAT = "%Y-%m-%dT%H:%M:%S%.3fZ"
 
 
-def as_dicts(rows: pl.DataFrame | list[dict]) -> list[dict]:
+# Output rows: a frame, or dicts where rows are few and irregular (DLQ records, window totals).
+Rows = pl.DataFrame | list[dict]
+
+
+def as_dicts(rows: Rows) -> list[dict]:
     """Rows as dicts, datetimes as ISO-8601 UTC text with millisecond precision."""
     if isinstance(rows, list):
         return rows
@@ -210,6 +214,32 @@ def dlq_record(
         "correlation_id": correlation_id or derive_correlation_id(source),
         "failed_at": utc_now_iso(),
     }
+
+
+# A column as compiled code (`native/src/columns.rs`) hands it over: the values, the int64
+# offsets of text (else None) and the validity bitmap (None: no nulls), each as bytes.
+BufferColumn = tuple[bytes, bytes | None, bytes | None]
+
+
+def frame_of_buffers(
+    schema: dict[str, pa.DataType], rows: int, columns: list[BufferColumn]
+) -> pl.DataFrame:
+    """A polars frame of `rows` rows over compiled code's column buffers (no copy of values)."""
+    return pl.from_arrow(
+        pa.Table.from_arrays(
+            [arrow_array(t, rows, c) for t, c in zip(schema.values(), columns, strict=True)],
+            names=list(schema),
+        )
+    )
+
+
+def arrow_array(arrow_type: pa.DataType, rows: int, column: BufferColumn) -> pa.Array:
+    data, offsets, validity = column
+    buffers = [None if validity is None else pa.py_buffer(validity)]
+    if offsets is not None:
+        buffers.append(pa.py_buffer(offsets))
+    buffers.append(pa.py_buffer(data))
+    return pa.Array.from_buffers(arrow_type, rows, buffers)
 
 
 ArrowColumn = tuple[str, str, int, list[tuple[int, int] | None]]

@@ -27,9 +27,10 @@ from operator import attrgetter, itemgetter
 from typing import Any, ClassVar
 
 import polars as pl
+import pyarrow as pa
 
 from operators.event_time import END_WATERMARK
-from operators.model import arrow_columns
+from operators.model import arrow_columns, frame_of_buffers
 from operators.sharding import ShardClock, rows_by_shard
 from operators.snapshot_log import SnapshotLog
 from operators.windows import iso_ms
@@ -40,6 +41,26 @@ except ImportError:
     compiled = None
 if not hasattr(compiled, "SessionTable"):  # not built, or built before it had one
     compiled = None
+
+# The rows a shard emits, one per closed (or corrected) session; start and end as ISO text with
+# milliseconds, as every output writes times.
+SESSION_SCHEMA: dict[str, pl.DataType] = {
+    "tenant": pl.String(),
+    "user_id": pl.String(),
+    "session_id": pl.String(),
+    "start": pl.String(),
+    "end": pl.String(),
+    "duration_s": pl.Float64(),
+    "event_count": pl.Int64(),
+    "revision": pl.Int64(),
+}
+# ... in the Arrow types of the compiled table's columns (`session_columns` in native/)
+_SESSION_ARROW = {
+    **dict.fromkeys(["tenant", "user_id", "session_id", "start", "end"], pa.large_string()),
+    "duration_s": pa.float64(),
+    "event_count": pa.int64(),
+    "revision": pa.int64(),
+}
 
 # A segment as snapshots and `SessionTable.load` hold it: (tenant, user_id, start, end, count,
 # revision, dirty).
@@ -222,10 +243,10 @@ class SessionState:
         self.table = _new_table(self.gap_ms, self.retention_ms)
         self.table.load(list(groups.items()))
 
-    def apply(self, partition: str, watermark_ms: int, partials: Any) -> list[dict]:
+    def apply(self, partition: str, watermark_ms: int, partials: Any) -> pl.DataFrame:
         return self.apply_all([(partition, watermark_ms, partials)])
 
-    def apply_all(self, inputs: list[tuple[str, int, Any]]) -> list[dict]:
+    def apply_all(self, inputs: list[tuple[str, int, Any]]) -> pl.DataFrame:
         """Merge several batches, taking in every watermark before anything closes."""
         for partition, watermark_ms, partials in inputs:
             if partials is not None:
@@ -235,14 +256,18 @@ class SessionState:
             self.clock.update(partition, watermark_ms)
         return self._emit(self.clock.watermark_ms)
 
-    def flush(self) -> list[dict]:
+    def flush(self) -> pl.DataFrame:
         return self._emit(END_WATERMARK)
 
-    def _emit(self, watermark: int) -> list[dict]:
+    def _emit(self, watermark: int) -> pl.DataFrame:
+        """The sessions that closed, in `SESSION_SCHEMA`: the compiled table hands them over as
+        columns, so no Python object is made per session on the way to the sinks."""
         horizon = max(self.horizon_ms, watermark - self.retention_ms)
-        rows = self.table.emit(watermark, horizon)
+        closed = self.table.emit(watermark, horizon)
         self.horizon_ms = horizon
-        return rows
+        if isinstance(closed, list):  # the Python table's rows
+            return pl.DataFrame(closed, schema=SESSION_SCHEMA, orient="row")
+        return frame_of_buffers(_SESSION_ARROW, *closed)
 
 
 class SessionTable:

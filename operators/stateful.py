@@ -22,7 +22,7 @@ from bytewax.operators import StatefulBatchLogic
 
 from dataflows import metrics
 from operators.event_time import END_WATERMARK, NO_WATERMARK, ClockState, PartitionClock
-from operators.model import EventBatch
+from operators.model import EventBatch, Rows
 from operators.placement import colocated_key
 from operators.sessions import session_partials
 from operators.sharding import ShardInput, shard_key
@@ -148,8 +148,9 @@ def event_time_gate(step_id: str, up: Stream[EventBatch], config: GateConfig) ->
 class ShardState(Protocol):
     state_kind: str  # the `kind` label of `pipeline_state_size`
 
-    def apply_all(self, inputs: list[tuple[str, int, list[tuple] | None]]) -> list[dict]: ...
-    def flush(self) -> list[dict]: ...
+    # rows: a frame (sessions) or dicts (windows)
+    def apply_all(self, inputs: list[tuple[str, int, list[tuple] | None]]) -> Rows: ...
+    def flush(self) -> Rows: ...
     def state_size(self) -> int: ...
 
 
@@ -176,19 +177,19 @@ _STATE_SIZES = _StateSizes()
 _SNAPSHOT_BYTES = _StateSizes()
 
 
-class _ShardLogic(StatefulBatchLogic[ShardInput, list[dict], bytes]):
+class _ShardLogic(StatefulBatchLogic[ShardInput, Rows, bytes]):
     def __init__(self, state: ShardState):
         self._state = state
 
     def on_batch(self, inputs: list[ShardInput]):
         rows = self._state.apply_all([(i.partition, i.watermark_ms, i.partials) for i in inputs])
         self._report_size()
-        return ([rows] if rows else ()), StatefulBatchLogic.RETAIN
+        return ([rows] if len(rows) else ()), StatefulBatchLogic.RETAIN
 
     def on_eof(self):
         rows = self._state.flush()
         self._report_size()
-        return ([rows] if rows else ()), StatefulBatchLogic.RETAIN
+        return ([rows] if len(rows) else ()), StatefulBatchLogic.RETAIN
 
     def _report_size(self) -> None:
         kind = self._state.state_kind
@@ -205,7 +206,7 @@ class _ShardLogic(StatefulBatchLogic[ShardInput, list[dict], bytes]):
 @operator
 def sharded_state(
     step_id: str, up: Stream[tuple[str, ShardInput]], new_state
-) -> Stream[tuple[str, list[dict]]]:
+) -> Stream[tuple[str, Rows]]:
     """Run one `new_state()` machine per shard key; emits `(shard_key, rows)` per batch."""
     return op.stateful_batch(
         "shard",

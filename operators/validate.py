@@ -72,6 +72,7 @@ from operators.model import (
     PolledRecords,
     RawBatch,
     RawRecord,
+    arrow_array,
     derive_correlation_id,
     dlq_record,
 )
@@ -685,13 +686,10 @@ def _native_frame(
     kinds = [kind for _, kind in _NATIVE_COLUMNS]
     if isinstance(records, PolledRecords):
         kinds += ["millis", "text"]
-    arrays = []
-    for kind, (data, offsets, validity) in zip(kinds, columns, strict=True):
-        buffers = [None if validity is None else pa.py_buffer(validity)]
-        if offsets is not None:
-            buffers.append(pa.py_buffer(offsets))
-        buffers.append(pa.py_buffer(data))
-        arrays.append(pa.Array.from_buffers(_ARROW_TYPES[kind], n, buffers))
+    arrays = [
+        arrow_array(_ARROW_TYPES[kind], n, column)
+        for kind, column in zip(kinds, columns, strict=True)
+    ]
     if not isinstance(records, PolledRecords):
         chosen = records if accepted is None else [records[i] for i in accepted]
         ingested = pa.array([round(r.ingested_at * 1000) for r in chosen], pa.int64())

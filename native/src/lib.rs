@@ -19,6 +19,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
 
+mod columns;
 mod consumer;
 mod dictionary;
 mod encode;
@@ -26,6 +27,7 @@ mod json;
 mod producer;
 mod rdkafka;
 mod sessions;
+use columns::{Column, SAMPLE_ROWS};
 use json::{dump, members_of, object_members, Members, Raw};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -101,93 +103,24 @@ impl<'a> Cell<'a> {
     }
 }
 
-/// Rows after which the text columns reserve room for the rest of the batch.
-const SAMPLE_ROWS: usize = 64;
-
-/// One output column in Arrow's layout: values (text as bytes plus int64 offsets) and validity.
-struct Column {
-    kind: ColumnKind,
-    data: Vec<u8>,     // text bytes, or the little-endian values
-    offsets: Vec<i64>, // text only
-    valid: Vec<bool>,
-}
-
-impl Column {
-    fn new(kind: ColumnKind, capacity: usize) -> Column {
-        let width = match kind {
-            ColumnKind::Text => 24,
-            ColumnKind::Int32 => 4,
-            ColumnKind::Millis => 8,
-        };
-        let mut offsets = Vec::new();
-        if kind == ColumnKind::Text {
-            offsets.reserve(capacity + 1);
-            offsets.push(0);
-        }
-        Column {
-            kind,
-            data: Vec::with_capacity(capacity * width),
-            offsets,
-            valid: Vec::with_capacity(capacity),
+impl ColumnKind {
+    fn column(self, capacity: usize) -> Column {
+        match self {
+            ColumnKind::Text => Column::text(capacity),
+            ColumnKind::Int32 => Column::fixed(4, capacity),
+            ColumnKind::Millis => Column::fixed(8, capacity),
         }
     }
 
-    /// Reserves room for `rows` in all as the rows so far need, plus an eighth: text columns start
-    /// small, and growing one of megabytes by doubling copies it again and again.
-    fn reserve_like_sample(&mut self, rows: usize) {
-        let sampled = self.valid.len();
-        if self.kind == ColumnKind::Text && sampled > 0 && rows > sampled {
-            let per_row = self.data.len().div_ceil(sampled);
-            self.data.reserve((rows - sampled) * per_row * 9 / 8);
+    /// Appends a cell that `ContractDecoder::fields` found to fit a column of this kind.
+    fn push(self, column: &mut Column, cell: &Cell) {
+        let valid = !matches!(cell, Cell::Null);
+        let value = if let Cell::Int(v) = cell { *v } else { 0 };
+        match self {
+            ColumnKind::Text => column.push_text(cell.as_text()),
+            ColumnKind::Int32 => column.push_value((value as i32).to_le_bytes(), valid),
+            ColumnKind::Millis => column.push_value(value.to_le_bytes(), valid),
         }
-    }
-
-    /// Appends a cell that `ContractDecoder::fields` found to fit this column.
-    fn push(&mut self, cell: &Cell) {
-        self.valid.push(!matches!(cell, Cell::Null));
-        match self.kind {
-            ColumnKind::Text => {
-                if let Some(text) = cell.as_text() {
-                    self.data.extend_from_slice(text.as_bytes());
-                }
-                self.offsets.push(self.data.len() as i64);
-            }
-            ColumnKind::Int32 => {
-                let value = if let Cell::Int(v) = cell {
-                    *v as i32
-                } else {
-                    0
-                };
-                self.data.extend_from_slice(&value.to_le_bytes());
-            }
-            ColumnKind::Millis => {
-                let value = if let Cell::Int(v) = cell { *v } else { 0 };
-                self.data.extend_from_slice(&value.to_le_bytes());
-            }
-        }
-    }
-
-    /// (values, offsets or None, validity bitmap or None when every row has a value)
-    fn into_python<'py>(self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
-        let validity = if self.valid.iter().all(|&v| v) {
-            py.None().into_bound(py)
-        } else {
-            let mut bitmap = vec![0u8; self.valid.len().div_ceil(8)];
-            for (i, _) in self.valid.iter().enumerate().filter(|(_, &v)| v) {
-                bitmap[i / 8] |= 1 << (i % 8);
-            }
-            PyBytes::new(py, &bitmap).into_any()
-        };
-        let offsets = if self.kind == ColumnKind::Text {
-            let bytes: Vec<u8> = self.offsets.iter().flat_map(|o| o.to_le_bytes()).collect();
-            PyBytes::new(py, &bytes).into_any()
-        } else {
-            py.None().into_bound(py)
-        };
-        PyTuple::new(
-            py,
-            [PyBytes::new(py, &self.data).into_any(), offsets, validity],
-        )
     }
 }
 
@@ -445,7 +378,7 @@ impl ContractDecoder {
         if origin.is_some() {
             kinds.extend([ColumnKind::Millis, ColumnKind::Text]);
         }
-        let mut columns: Vec<Column> = kinds.iter().map(|&k| Column::new(k, count)).collect();
+        let mut columns: Vec<Column> = kinds.iter().map(|k| k.column(count)).collect();
         let width = self.columns.len();
         let mut deferred = Vec::new();
         let mut number = itoa::Buffer::new();
@@ -457,21 +390,18 @@ impl ContractDecoder {
             };
             match parsed.and_then(|()| self.row(&members)) {
                 Some(cells) => {
-                    for (column, cell) in columns.iter_mut().zip(&cells) {
-                        column.push(cell);
+                    for ((column, kind), cell) in columns.iter_mut().zip(&kinds).zip(&cells) {
+                        kind.push(column, cell);
                     }
                     if let Some(origin) = origin {
-                        columns[width].push(&Cell::Int(origin.ingested[i]));
-                        let source = &mut columns[width + 1];
-                        source.data.extend_from_slice(&origin.label);
-                        source.data.push(b'/');
-                        source
-                            .data
-                            .extend_from_slice(number.format(origin.offsets[i]).as_bytes());
-                        source.offsets.push(source.data.len() as i64);
-                        source.valid.push(true);
+                        columns[width].push_value(origin.ingested[i].to_le_bytes(), true);
+                        columns[width + 1].push_text_with(|data| {
+                            data.extend_from_slice(&origin.label);
+                            data.push(b'/');
+                            data.extend_from_slice(number.format(origin.offsets[i]).as_bytes());
+                        });
                     }
-                    if columns[0].valid.len() == SAMPLE_ROWS {
+                    if columns[0].rows() == SAMPLE_ROWS {
                         for column in columns.iter_mut() {
                             column.reserve_like_sample(count);
                         }

@@ -12,9 +12,10 @@ use std::sync::Arc;
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict};
+use pyo3::types::{PyBytes, PyDict, PyTuple};
 use rustc_hash::{FxHashMap, FxHashSet};
 
+use crate::columns::Column;
 use crate::encode::{bit, buffer, write_iso_millis, RawBuffer};
 
 /// Text values in one buffer; value `i` is `data[ends[i - 1]..ends[i]]`, None where not valid.
@@ -438,25 +439,64 @@ impl SessionTable {
         };
         self.deadlines.push(Reverse((due, key)));
     }
+}
 
-    fn row<'py>(py: Python<'py>, session_id: &str, s: &Segment) -> PyResult<Bound<'py, PyDict>> {
-        let row = PyDict::new(py);
-        row.set_item("tenant", &*s.tenant)?;
-        row.set_item("user_id", s.user_id.as_deref())?;
-        row.set_item("session_id", session_id)?;
-        row.set_item("start", iso(s.start)?)?;
-        row.set_item("end", iso(s.end)?)?;
-        row.set_item("duration_s", (s.end - s.start) as f64 / 1000.0)?;
-        row.set_item("event_count", s.count)?;
-        row.set_item("revision", s.revision)?;
-        Ok(row)
+/// A segment as it was emitted.
+struct Closed {
+    tenant: Arc<str>,
+    user_id: Option<Box<str>>,
+    start: i64,
+    end: i64,
+    count: i64,
+    revision: i64,
+}
+
+impl Closed {
+    fn of(s: &Segment) -> Closed {
+        Closed {
+            tenant: s.tenant.clone(),
+            user_id: s.user_id.clone(),
+            start: s.start,
+            end: s.end,
+            count: s.count,
+            revision: s.revision,
+        }
     }
 }
 
-fn iso(ms: i64) -> PyResult<String> {
-    let mut quoted = Vec::with_capacity(26);
-    write_iso_millis(ms, &mut quoted)?;
-    Ok(String::from_utf8_lossy(&quoted[1..quoted.len() - 1]).into_owned())
+/// `(rows, columns)` of closed sessions, the columns of `SESSION_SCHEMA` in
+/// `operators/sessions.py` as `columns::Column` hands them over: tenant, user_id, session_id,
+/// start and end (ISO text with milliseconds), duration_s, event_count, revision.
+fn session_columns<'py>(
+    py: Python<'py>,
+    closed: &[(i64, Arc<str>, Closed)],
+) -> PyResult<(usize, Vec<Bound<'py, PyTuple>>)> {
+    let n = closed.len();
+    let mut texts: Vec<Column> = (0..5).map(|_| Column::text(n)).collect();
+    let (mut duration, mut count, mut revision) = (
+        Column::fixed(8, n),
+        Column::fixed(8, n),
+        Column::fixed(8, n),
+    );
+    for (_, session_id, s) in closed {
+        texts[0].push_text(Some(&s.tenant));
+        texts[1].push_text(s.user_id.as_deref());
+        texts[2].push_text(Some(session_id));
+        for (column, ms) in texts[3..].iter_mut().zip([s.start, s.end]) {
+            let mut quoted = Vec::with_capacity(26);
+            write_iso_millis(ms, &mut quoted)?;
+            column.push_text_with(|data| data.extend_from_slice(&quoted[1..quoted.len() - 1]));
+        }
+        duration.push_value(((s.end - s.start) as f64 / 1000.0).to_le_bytes(), true);
+        count.push_value(s.count.to_le_bytes(), true);
+        revision.push_value(s.revision.to_le_bytes(), true);
+    }
+    let columns = texts
+        .into_iter()
+        .chain([duration, count, revision])
+        .map(|c| c.into_python(py))
+        .collect::<PyResult<_>>()?;
+    Ok((n, columns))
 }
 
 #[pymethods]
@@ -510,15 +550,16 @@ impl SessionTable {
         Ok(dropped)
     }
 
-    /// Rows of the sessions that closed (or changed after closing) by `watermark`, in the order
-    /// of their close, then session id; sessions that end by `horizon` are freed.
+    /// The sessions that closed (or changed after closing) by `watermark`, as `(rows, columns)`
+    /// (see `session_columns`), in the order of their close, then session id; sessions that end
+    /// by `horizon` are freed.
     fn emit<'py>(
         &mut self,
         py: Python<'py>,
         watermark: i64,
         horizon: i64,
-    ) -> PyResult<Vec<Bound<'py, PyDict>>> {
-        let mut closed: Vec<(i64, Arc<str>, Bound<'py, PyDict>)> = Vec::new();
+    ) -> PyResult<(usize, Vec<Bound<'py, PyTuple>>)> {
+        let mut closed: Vec<(i64, Arc<str>, Closed)> = Vec::new();
         let gap = self.gap;
         while let Some(Reverse((when, _))) = self.deadlines.peek() {
             if *when > watermark {
@@ -534,11 +575,7 @@ impl SessionTable {
                 if s.dirty && closes_at <= watermark {
                     s.revision += 1;
                     s.dirty = false;
-                    closed.push((
-                        closes_at,
-                        session_id.clone(),
-                        SessionTable::row(py, &session_id, s)?,
-                    ));
+                    closed.push((closes_at, session_id.clone(), Closed::of(s)));
                     emitted = true;
                 }
             }
@@ -556,7 +593,7 @@ impl SessionTable {
             }
         }
         closed.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
-        Ok(closed.into_iter().map(|(_, _, row)| row).collect())
+        session_columns(py, &closed)
     }
 
     fn __len__(&self) -> usize {

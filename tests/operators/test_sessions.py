@@ -5,7 +5,12 @@ import polars as pl
 import pytest
 
 from operators.model import arrow_columns
-from operators.sessions import SessionState, python_session_partials, session_partials
+from operators.sessions import (
+    SESSION_SCHEMA,
+    SessionState,
+    python_session_partials,
+    session_partials,
+)
 
 both_tables = pytest.mark.usefixtures("session_engine")
 
@@ -29,6 +34,12 @@ def events(rows):
             "timestamp": pl.Datetime("ms", "UTC"),
         },
     )
+
+
+def dicts(frame: pl.DataFrame) -> list[dict]:
+    """A shard's output rows, checked to be in the sessions' schema."""
+    assert frame.schema == pl.Schema(SESSION_SCHEMA)
+    return frame.to_dicts()
 
 
 def partials(rows):
@@ -59,9 +70,11 @@ def test_python_partials_split_a_session_at_gaps():
 @both_tables
 def test_session_closes_after_gap_of_event_time_and_frees_state():
     state = SessionState(gap_ms=GAP * 1000, retention_ms=0)
-    assert state.apply("p0", T0 * 1000, partials([("s1", T0, "u"), ("s1", T0 + 60, "u")])) == []
-    assert state.apply("p0", (T0 + 60 + GAP - 1) * 1000, None) == []
-    rows = state.apply("p0", (T0 + 60 + GAP) * 1000, None)
+    assert (
+        dicts(state.apply("p0", T0 * 1000, partials([("s1", T0, "u"), ("s1", T0 + 60, "u")]))) == []
+    )
+    assert dicts(state.apply("p0", (T0 + 60 + GAP - 1) * 1000, None)) == []
+    rows = dicts(state.apply("p0", (T0 + 60 + GAP) * 1000, None))
     assert rows == [
         {
             "tenant": "acme",
@@ -82,7 +95,7 @@ def test_segments_from_different_batches_merge_within_gap():
     state = SessionState(gap_ms=GAP * 1000, retention_ms=0)
     state.apply("p0", T0 * 1000, partials([("s1", T0, "u")]))
     state.apply("p0", T0 * 1000, partials([("s1", T0 + GAP, None)]))
-    (row,) = state.flush()
+    (row,) = dicts(state.flush())
     assert (row["event_count"], row["duration_s"], row["user_id"]) == (2, GAP, "u")
 
 
@@ -90,8 +103,8 @@ def test_segments_from_different_batches_merge_within_gap():
 def test_late_event_revises_a_closed_session():
     state = SessionState(gap_ms=GAP * 1000, retention_ms=86_400_000)
     state.apply("p0", T0 * 1000, partials([("s1", T0, "u"), ("s1", T0 + 10, "u")]))
-    (first,) = state.apply("p0", (T0 + 10 + GAP) * 1000, None)
-    (second,) = state.apply("p0", (T0 + 10 + GAP) * 1000, partials([("s1", T0 + 5, "u")]))
+    (first,) = dicts(state.apply("p0", (T0 + 10 + GAP) * 1000, None))
+    (second,) = dicts(state.apply("p0", (T0 + 10 + GAP) * 1000, partials([("s1", T0 + 5, "u")])))
     assert (first["event_count"], first["revision"]) == (2, 0)
     assert (second["event_count"], second["revision"], second["start"]) == (3, 1, first["start"])
     # after retention the closed session is freed
@@ -104,24 +117,24 @@ def test_a_session_growing_batch_by_batch_keeps_one_deadline_and_closes_at_its_l
     state = SessionState(gap_ms=GAP * 1000, retention_ms=86_400_000)
     for i in range(100):  # live input: one event per batch, the watermark following event time
         t = T0 + 60 * i
-        assert state.apply("p0", t * 1000, partials([("s1", t, "u")])) == []
+        assert dicts(state.apply("p0", t * 1000, partials([("s1", t, "u")]))) == []
     assert len(state.table.deadlines) == 1
     last = T0 + 60 * 99
-    assert state.apply("p0", (last + GAP - 1) * 1000, None) == []  # early entry pushed again
-    (row,) = state.apply("p0", (last + GAP) * 1000, None)
+    assert dicts(state.apply("p0", (last + GAP - 1) * 1000, None)) == []  # early entry pushed again
+    (row,) = dicts(state.apply("p0", (last + GAP) * 1000, None))
     assert (row["event_count"], row["duration_s"], row["revision"]) == (100, 60 * 99, 0)
-    assert state.apply("p0", (last + GAP + 3600) * 1000, None) == []
+    assert dicts(state.apply("p0", (last + GAP + 3600) * 1000, None)) == []
 
 
 @both_tables
 def test_an_event_within_the_gap_after_a_close_reopens_the_session_until_its_new_close():
     state = SessionState(gap_ms=GAP * 1000, retention_ms=86_400_000)
     state.apply("p0", T0 * 1000, partials([("s1", T0, "u")]))
-    (first,) = state.apply("p0", (T0 + GAP) * 1000, None)
+    (first,) = dicts(state.apply("p0", (T0 + GAP) * 1000, None))
     # late, but within the gap of the closed session: it grows, and closes again GAP after it
-    assert state.apply("p0", (T0 + GAP) * 1000, partials([("s1", T0 + 100, "u")])) == []
-    assert state.apply("p0", (T0 + 100 + GAP - 1) * 1000, None) == []
-    (second,) = state.apply("p0", (T0 + 100 + GAP) * 1000, None)
+    assert dicts(state.apply("p0", (T0 + GAP) * 1000, partials([("s1", T0 + 100, "u")]))) == []
+    assert dicts(state.apply("p0", (T0 + 100 + GAP - 1) * 1000, None)) == []
+    (second,) = dicts(state.apply("p0", (T0 + 100 + GAP) * 1000, None))
     assert (first["event_count"], first["revision"]) == (1, 0)
     assert (second["event_count"], second["revision"], second["duration_s"]) == (2, 1, 100.0)
 
@@ -130,7 +143,7 @@ def test_an_event_within_the_gap_after_a_close_reopens_the_session_until_its_new
 def test_a_pickled_state_keeps_every_segment_and_derives_its_deadlines():
     state = SessionState(gap_ms=GAP * 1000, retention_ms=86_400_000)
     state.apply("p0", T0 * 1000, partials([("s1", T0, "u"), ("sé✓", T0, None), ("s3", T0, "")]))
-    emitted = state.apply("p0", (T0 + GAP) * 1000, None)
+    emitted = dicts(state.apply("p0", (T0 + GAP) * 1000, None))
     state.apply("p0", (T0 + GAP) * 1000, partials([("s1", T0 + 2 * GAP + 5, "v")]))
 
     restored = pickle.loads(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
@@ -147,8 +160,8 @@ def test_a_pickled_state_keeps_every_segment_and_derives_its_deadlines():
         ("s3", ""),
         ("sé✓", None),
     ]
-    assert restored.apply("p0", (T0 + 3 * GAP + 5) * 1000, None) == state.apply(
-        "p0", (T0 + 3 * GAP + 5) * 1000, None
+    assert dicts(restored.apply("p0", (T0 + 3 * GAP + 5) * 1000, None)) == dicts(
+        state.apply("p0", (T0 + 3 * GAP + 5) * 1000, None)
     )
 
 
@@ -182,7 +195,7 @@ def test_compiled_session_events_cross_processes_as_pickles():
         states = [SessionState(gap_ms=GAP * 1000, retention_ms=0) for _ in range(2)]
         states[0].apply("p0", T0 * 1000, shard_events)
         states[1].apply("p0", T0 * 1000, copy)
-        assert states[0].flush() == states[1].flush() != []
+        assert dicts(states[0].flush()) == dicts(states[1].flush()) != []
         state = shard_events.__getstate__()
         with pytest.raises(ValueError, match="truncated"):
             copy.__setstate__(state[:-3])

@@ -10,6 +10,7 @@ import pytest
 
 from operators import sessions as sessions_module
 from operators.event_time import PartitionClock
+from operators.model import as_dicts
 from operators.sessions import Session, SessionState, session_partials
 from operators.windows import Cell, WindowState, window_partials
 from tests.dataflows import truth
@@ -78,10 +79,12 @@ def run(batches, retention_ms: int, resume_at: int | None = None, restore=None) 
         session_parts = session_partials(events, GAP_MS, SHARDS)
         for shard in range(SHARDS):
             out.append(windows[shard].apply("p0", clock.watermark_ms, window_parts.get(shard)))
-            out.append(sessions[shard].apply("p0", clock.watermark_ms, session_parts.get(shard)))
+            out.append(
+                as_dicts(sessions[shard].apply("p0", clock.watermark_ms, session_parts.get(shard)))
+            )
         for state in windows + sessions:
             snapshots[id(state)] = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
-    out.extend(state.flush() for state in windows + sessions)
+    out.extend(as_dicts(state.flush()) for state in windows + sessions)
     out.append([state.dropped_events for state in windows + sessions])
     return out
 

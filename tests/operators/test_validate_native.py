@@ -165,7 +165,7 @@ def _grammar_cases() -> list[bytes]:
         head + b',"extra":{"a" 1}}',
         head + b',"extra":[1 2]}',
         head + b',"extra":{"a":1}}}',
-        head + b" , \t\r\n\"extra\" \n:\t[ 1 , { } ] \r}",
+        head + b' , \t\r\n"extra" \n:\t[ 1 , { } ] \r}',
         head + b',"properties":{"a":{"b":[true,false,null,"x",1.25,-3]},"c":"\\u00e9"}}',
         head + b',"properties":' + b'{"a":' * 125 + b"1" + b"}" * 125 + b"}",  # 127 deep
         head + b',"properties":' + b'{"a":' * 126 + b"1" + b"}" * 126 + b"}",  # 128 deep
