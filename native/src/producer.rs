@@ -332,8 +332,9 @@ fn produce_job(
         };
         match code {
             0 => row += 1,
-            // The broker threads free room as records are delivered (no delivery report to serve:
-            // the producer reports only errors)
+            // Room comes back as delivered records are freed, which happens when the Producer
+            // is polled (confluent-kafka asks for every delivery report and drops the successful
+            // ones itself): the worker polls while it waits for this thread
             QUEUE_FULL if !shared.lock().closing => std::thread::sleep(Duration::from_millis(1)),
             _ => {
                 error = code;
