@@ -254,7 +254,8 @@ def arrow_columns(
     while the arrays are alive: keep them until the call returns."""
     level = pl.CompatLevel.newest() if string_views else pl.CompatLevel.oldest()
     table = frame.to_arrow(compat_level=level)
-    arrays = [column.combine_chunks() for column in table.columns]
+    # one chunk (what polars mostly holds) is taken as it is: combining copies it
+    arrays = [c.chunk(0) if c.num_chunks == 1 else c.combine_chunks() for c in table.columns]
     columns = [
         (name, str(a.type), a.offset, [None if b is None else (b.address, b.size) for b in bufs])
         for name, a, bufs in zip(table.column_names, arrays, map(pa.Array.buffers, arrays))
