@@ -374,8 +374,8 @@ class KafkaBatchSource(FixedPartitionedSource[RawBatch, int]):
 # in KAFKA_CONFIG wins. The sinks register no delivery callback (a failed delivery fails the
 # transaction's commit), so no delivered record reaches Python. librdkafka still hands each one
 # back to be freed where the Producer is polled (`write_batch`, `_await_writer`, the commit): ~0.3
-# s of the worker thread's time per 1M events in a catch-up. Polling from the writer threads instead would run
-# confluent-kafka's error callback off a Python thread, which it does not allow.
+# s of the worker thread's time per 1M events in a catch-up. The writer threads cannot poll
+# instead: confluent-kafka's error callback runs only on a thread inside one of its calls.
 SINK_PRODUCER_TUNING: dict[str, Any] = {
     "linger.ms": 20,
     "transaction.timeout.ms": 600_000,
