@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Container
 
 log = logging.getLogger(__name__)
 
@@ -21,29 +22,43 @@ HELPER_THREAD_PREFIXES = ("rdk:", "kafka-writer")
 TASKS = "/proc/self/task"
 
 
-def thread_names() -> dict[int, str]:
-    """The threads of this process by id, with their names (threads that end meanwhile left out)."""
+def thread_names(skip: Container[int] = ()) -> dict[int, str]:
+    """The threads of this process by id, with their names (threads that end meanwhile, and those
+    in `skip`, left out)."""
     names = {}
-    for tid in os.listdir(TASKS):
+    for tid in map(int, os.listdir(TASKS)):
+        if tid in skip:
+            continue
         try:
             with open(f"{TASKS}/{tid}/comm") as f:
-                names[int(tid)] = f.read().rstrip("\n")
+                names[tid] = f.read().rstrip("\n")
         except FileNotFoundError:
             continue
     return names
 
 
-def lower_helper_threads(nice: int) -> int:
-    """Give every helper thread of this process at least `nice`; returns how many it changed."""
+def lower_helper_threads(nice: int, settled: set[int] | None = None) -> int:
+    """Give every helper thread of this process at least `nice`; returns how many it changed.
+
+    With `settled`, the threads in it are not looked at again, and those whose role is known are
+    added: helpers, and threads named otherwise than the main thread (a thread starts with the
+    name of the thread that made it, the worker's for the writers, and names itself right after).
+    Each name is a file read that hands the GIL to and from the worker."""
+    if settled is not None:
+        settled.intersection_update(map(int, os.listdir(TASKS)))  # ended threads' ids go
+    names = thread_names(skip=settled or ())
+    main = names.get(os.getpid())  # never settled: named as itself
     changed = 0
-    for tid, name in thread_names().items():
+    for tid, name in names.items():
+        helper = name.startswith(HELPER_THREAD_PREFIXES)
         try:
-            helper = name.startswith(HELPER_THREAD_PREFIXES)
             if helper and os.getpriority(os.PRIO_PROCESS, tid) < nice:
                 os.setpriority(os.PRIO_PROCESS, tid, nice)
                 changed += 1
         except ProcessLookupError:
             continue  # the thread ended meanwhile
+        if settled is not None and (helper or name != main):
+            settled.add(tid)
     return changed
 
 
@@ -54,9 +69,10 @@ class _HelperPriority(threading.Thread):
         self._interval_s = interval_s
 
     def run(self) -> None:
+        settled: set[int] = set()
         while True:
             try:
-                lower_helper_threads(self._nice)
+                lower_helper_threads(self._nice, settled)
             except OSError as exc:  # e.g. a nice value the process may not set: stop trying
                 log.warning("helper threads keep the worker's priority: %s", exc)
                 return

@@ -49,3 +49,41 @@ def test_only_helper_threads_get_the_lower_priority():
         assert priorities.lower_helper_threads(3) == 0
     finally:
         done.set()
+
+
+def test_threads_whose_role_is_known_are_not_read_again():
+    done, renamed, ids = threading.Event(), threading.Event(), {}
+    ready = {name: threading.Event() for name in (b"rdk:broker8", b"polars-1")}
+    threads = [_named_thread(name, ready[name], done, ids) for name in ready]
+    unnamed_ready, rename = threading.Event(), threading.Event()
+
+    def unnamed():  # keeps the name it inherits until told to name itself a writer
+        ids["unnamed"] = threading.get_native_id()
+        unnamed_ready.set()
+        rename.wait(10)
+        ctypes.CDLL(None).prctl(PR_SET_NAME, b"kafka-writer", 0, 0, 0)
+        renamed.set()
+        done.wait(10)
+
+    threads.append(threading.Thread(target=unnamed, daemon=True))
+    for thread in threads:
+        thread.start()
+    try:
+        assert all(event.wait(10) for event in [*ready.values(), unnamed_ready])
+        settled: set[int] = set()
+        priorities.lower_helper_threads(7, settled)
+        assert {ids[b"rdk:broker8"], ids[b"polars-1"]} <= settled
+        assert ids["unnamed"] not in settled and os.getpid() not in settled
+        assert os.getpriority(os.PRIO_PROCESS, ids[b"rdk:broker8"]) == 7
+        # the thread that was still unnamed is read again, and found once it names itself
+        rename.set()
+        assert renamed.wait(10)
+        assert priorities.lower_helper_threads(7, settled) == 1
+        assert os.getpriority(os.PRIO_PROCESS, ids["unnamed"]) == 7
+        assert ids["unnamed"] in settled
+    finally:
+        done.set()
+    for thread in threads:
+        thread.join(10)
+    priorities.lower_helper_threads(7, settled)
+    assert not settled & {ids[b"rdk:broker8"], ids[b"polars-1"], ids["unnamed"]}  # ended: gone
