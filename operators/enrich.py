@@ -98,7 +98,7 @@ import ua_parser
 from ua_parser import Domain, load_builtins, load_lazy_builtins
 
 from dataflows.config import Settings
-from operators.model import ENRICHMENT_SCHEMA, DlqReason, arrow_columns, dlq_record
+from operators.model import ENRICHMENT_SCHEMA, DlqReason, arrow_array, arrow_columns, dlq_record
 
 try:  # native/, built by `make install`
     from pipeline_native import dictionary_codes as _native_codes
@@ -509,7 +509,7 @@ def dictionary_codes(values: pl.Series) -> tuple[pl.Series, list[str]]:
     if _native_codes is not None:
         _arrays, (column,) = arrow_columns(values.to_frame(), string_views=True)
         codes, distinct = _native_codes(len(values), column)
-        array = pa.Array.from_buffers(pa.uint32(), len(values), [None, pa.py_buffer(codes)])
+        array = arrow_array(pa.uint32(), len(values), (codes, None, None))
         return pl.Series(values.name, array), distinct
     code_of: dict[str | None, int] = {None: 0}
     codes = [code_of.setdefault(value, len(code_of)) for value in values.to_list()]
