@@ -31,7 +31,16 @@ stats = {
 
 
 def _count(batch: list) -> int:
-    return sum(len(item.records) if hasattr(item, "records") else 1 for item in batch)
+    """Records in what a source partition handed over: our validated batches (`EventBatch`), raw
+    batches, or the naive baseline's one message per item."""
+    return sum(
+        item.events.height + len(item.dlq)
+        if hasattr(item, "events")
+        else len(item.records)
+        if hasattr(item, "records")
+        else 1
+        for item in batch
+    )
 
 
 def _wrap(cls) -> None:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import atexit
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import orjson
 import polars as pl
@@ -24,16 +25,23 @@ from operators.model import RawBatch, RawRecord, as_dicts
 # --- source ----------------------------------------------------------------------------------
 
 
-class _JsonLinesPartition(StatefulSourcePartition[RawBatch, tuple[int, int]]):
-    def __init__(self, path: Path, batch_size: int, resume: tuple[int, int] | None):
+class _JsonLinesPartition(StatefulSourcePartition[Any, tuple[int, int]]):
+    def __init__(
+        self,
+        path: Path,
+        batch_size: int,
+        resume: tuple[int, int] | None,
+        prepare: Callable[[RawBatch], Any],
+    ):
         self._path = path
+        self._prepare = prepare
         self._label = path.name
         self._batch_size = batch_size
         self._file = path.open("rb")
         self._offset, self._line = resume or (0, 0)
         self._file.seek(self._offset)
 
-    def next_batch(self) -> list[RawBatch]:
+    def next_batch(self) -> list[Any]:
         records = []
         now = time.time()
         for raw in self._file:
@@ -47,7 +55,7 @@ class _JsonLinesPartition(StatefulSourcePartition[RawBatch, tuple[int, int]]):
         else:
             if not records:
                 raise StopIteration
-        return [RawBatch(self._label, records)]
+        return [self._prepare(RawBatch(self._label, records))]
 
     def snapshot(self) -> tuple[int, int]:
         return (self._offset, self._line)
@@ -56,20 +64,24 @@ class _JsonLinesPartition(StatefulSourcePartition[RawBatch, tuple[int, int]]):
         self._file.close()
 
 
-class JsonLinesSource(FixedPartitionedSource[RawBatch, tuple[int, int]]):
-    """One partition per file; each poll yields one `RawBatch` of up to `batch_size` records."""
+class JsonLinesSource(FixedPartitionedSource[Any, tuple[int, int]]):
+    """One partition per file; each poll yields `prepare` of one `RawBatch` of up to `batch_size`
+    records (the `RawBatch` itself by default)."""
 
-    def __init__(self, path: Path, batch_size: int):
+    def __init__(
+        self, path: Path, batch_size: int, prepare: Callable[[RawBatch], Any] | None = None
+    ):
         if not path.is_file():
             raise FileNotFoundError(f"PIPELINE_INPUT file not found: {path}")
         self._path = path
         self._batch_size = batch_size
+        self._prepare = prepare or (lambda batch: batch)
 
     def list_parts(self) -> list[str]:
         return [self._path.name]
 
     def build_part(self, step_id, for_part, resume_state):
-        return _JsonLinesPartition(self._path, self._batch_size, resume_state)
+        return _JsonLinesPartition(self._path, self._batch_size, resume_state, self._prepare)
 
 
 # --- sink ------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -170,8 +170,39 @@ def ensure_topics(
 SOURCE_CONSUMER_TUNING: dict[str, Any] = {"queued.max.messages.kbytes": 8192}
 
 
-class _KafkaPartition(StatefulSourcePartition[RawBatch, int]):
-    """One topic partition, read in batches; its state is the next offset to read.
+@dataclass(frozen=True, slots=True)
+class _Poll:
+    """One poll of a partition: its records, what `prepare` made of them (None for no records),
+    and whether it reached the end of the partition."""
+
+    records: PolledRecords
+    prepared: Any
+    ended: bool
+
+
+def _read_ahead_thread() -> ThreadPoolExecutor:
+    """The process's read-ahead thread (made on first use): it reads and prepares each Kafka
+    partition's next poll while the worker runs the flow on the one before. One thread is enough:
+    the worker takes the polls in the order it asked for them. It keeps the worker's priority
+    (`dataflows.priorities`), as the worker waits for it when it falls behind."""
+    global _read_ahead
+    with _read_ahead_lock:
+        if _read_ahead is None:
+            _read_ahead = ThreadPoolExecutor(1, thread_name_prefix="kafka-read-ahead")
+        return _read_ahead
+
+
+_read_ahead: ThreadPoolExecutor | None = None
+_read_ahead_lock = threading.Lock()
+
+
+class _KafkaPartition(StatefulSourcePartition[Any, int]):
+    """One topic partition, read in batches; its state is the next offset to hand over.
+
+    Each batch is `prepare(RawBatch)`. While the flow runs on one batch, the next poll is read and
+    prepared on the read-ahead thread (with the compiled reader; without it, every poll is read
+    in place). A poll read ahead is not yet handed over: a snapshot never counts it, so a resume
+    reads it again.
 
     Offsets are committed to the consumer group one snapshot behind: when Bytewax asks for the
     snapshot of epoch N, the snapshot of epoch N−1 has been persisted, so the committed offset
@@ -185,10 +216,12 @@ class _KafkaPartition(StatefulSourcePartition[RawBatch, int]):
         partition: int,
         resume_offset: int | None,
         stop_at_end: bool,
+        prepare: Callable[[RawBatch], Any],
     ):
         self._label = f"{topic}/{partition}"
         self._batch_size = settings.pipeline_batch_size
         self._stop_at_end = stop_at_end
+        self._prepare = prepare
         config = consumer_config(
             settings,
             **unless_configured(settings, SOURCE_CONSUMER_TUNING),
@@ -204,6 +237,7 @@ class _KafkaPartition(StatefulSourcePartition[RawBatch, int]):
             resume_offset = committed.offset if committed.offset >= 0 else OFFSET_BEGINNING
         self._consumer.assign([TopicPartition(topic, partition, resume_offset)])
         self._reader = record_reader(self._consumer, config, topic, partition)
+        self._ahead: Future[_Poll] | None = None
         self._next_offset = resume_offset
         self._to_commit: int | None = None
         self._ended = False
@@ -213,12 +247,18 @@ class _KafkaPartition(StatefulSourcePartition[RawBatch, int]):
         self._announced = False
         self._lag_reported_at = 0.0
 
-    def next_batch(self) -> list[RawBatch]:
+    def next_batch(self) -> list[Any]:
         if self._ended:
             raise StopIteration
-        records = self._poll()
-        if records:
-            self._next_offset = records.last_offset() + 1
+        if self._reader is not None:
+            self._serve_consumer_queue()
+        ahead, self._ahead = self._ahead, None
+        poll = ahead.result() if ahead is not None else self._poll()
+        self._ended = poll.ended and self._stop_at_end
+        if poll.records:
+            self._next_offset = poll.records.last_offset() + 1
+            if self._reader is not None and not self._ended:  # still catching up: read on
+                self._ahead = _read_ahead_thread().submit(self._poll)
         elif self._announced:
             self._idle_until = time.monotonic() + _IDLE_POLL_S
             if self._idle_until - self._lag_reported_at >= _IDLE_LAG_REPORT_S:
@@ -226,27 +266,13 @@ class _KafkaPartition(StatefulSourcePartition[RawBatch, int]):
             return []
         self._report_lag()
         self._announced = True
-        return [RawBatch(self._label, records)]
+        if poll.prepared is None:
+            return [self._prepare(RawBatch(self._label, poll.records))]
+        return [poll.prepared]
 
-    def _poll(self) -> PolledRecords:
-        """Up to a batch of records; errors on the way are handled (`_error`)."""
-        now = round(time.time() * 1000)  # the timestamp of a record without one: when it was read
-        if self._reader is None:
-            messages = self._consumer.consume(self._batch_size, 0.001)
-            polled = [message for message in messages if message.error() is None]
-            if len(polled) < len(messages):
-                for message in messages:
-                    if message.error() is not None:
-                        self._error(message.error())
-            stamps = [message.timestamp()[1] for message in polled]
-            return PolledRecords.of(
-                self._label,
-                [message.value() or b"" for message in polled],
-                [message.offset() for message in polled],
-                [stamp if stamp > 0 else now for stamp in stamps],
-            )
-        # The consumer queue has everything but this partition's records and errors (client
-        # errors, commit results): the Consumer serves it, with its callbacks.
+    def _serve_consumer_queue(self) -> None:
+        """The consumer queue has everything but this partition's records and errors (client
+        errors, commit results): the Consumer serves it, with its callbacks, on the worker."""
         event = self._consumer.poll(0)
         if event is not None:
             if event.error() is None:
@@ -255,20 +281,43 @@ class _KafkaPartition(StatefulSourcePartition[RawBatch, int]):
                     "the partition's own (librdkafka changed how partition queues are forwarded?)"
                 )
             self._error(event.error())
-        values, ends, offsets, stamps, ended, errors = self._reader.read(self._batch_size, 1, now)
-        if ended:
-            self._error(KafkaError(KafkaError._PARTITION_EOF))
-        for code, reason, fatal in errors:
-            self._error(KafkaError(code, reason, fatal=fatal))
-        return PolledRecords(self._label, values, ends, offsets, stamps)
 
-    def _error(self, error: KafkaError) -> None:
+    def _poll(self) -> _Poll:
+        """Up to a batch of records, prepared; errors on the way are handled (`_error`)."""
+        now = round(time.time() * 1000)  # the timestamp of a record without one: when it was read
+        if self._reader is None:
+            messages = self._consumer.consume(self._batch_size, 0.001)
+            polled = [message for message in messages if message.error() is None]
+            ended = False
+            if len(polled) < len(messages):
+                for message in messages:
+                    if message.error() is not None:
+                        ended |= self._error(message.error())
+            stamps = [message.timestamp()[1] for message in polled]
+            records = PolledRecords.of(
+                self._label,
+                [message.value() or b"" for message in polled],
+                [message.offset() for message in polled],
+                [stamp if stamp > 0 else now for stamp in stamps],
+            )
+        else:
+            values, ends, offsets, stamps, ended, errors = self._reader.read(
+                self._batch_size, 1, now
+            )
+            for code, reason, fatal in errors:
+                self._error(KafkaError(code, reason, fatal=fatal))
+            records = PolledRecords(self._label, values, ends, offsets, stamps)
+        prepared = self._prepare(RawBatch(self._label, records)) if records else None
+        return _Poll(records, prepared, ended)
+
+    def _error(self, error: KafkaError) -> bool:
+        """Raises a fatal error, logs the others; True for the end of the partition."""
         if error.code() == KafkaError._PARTITION_EOF:
-            self._ended = self._stop_at_end
-            return
+            return True
         if error.fatal():
             raise KafkaException(error)
         logger.warning("kafka source %s: %s", self._label, error)
+        return False
 
     def _report_lag(self) -> None:
         """`pipeline_consumer_lag` of this partition; from cached watermarks, no broker call."""
@@ -289,9 +338,9 @@ class _KafkaPartition(StatefulSourcePartition[RawBatch, int]):
         return self._next_offset
 
     def lag(self) -> int | None:
-        """Records between the read position and the partition's high watermark, as of the last
-        fetch (None before the first one). Before the first record is read from the beginning,
-        the position is the low watermark."""
+        """Records between the hand-over position and the partition's high watermark, as of the
+        last fetch (None before the first one). Before the first record is read from the
+        beginning, the position is the low watermark."""
         low, high = self._consumer.get_watermark_offsets(self._tp, cached=True)
         if high < 0:
             return None
@@ -308,6 +357,12 @@ class _KafkaPartition(StatefulSourcePartition[RawBatch, int]):
             logger.warning("kafka source %s: offset commit failed: %s", self._label, exc)
 
     def close(self) -> None:
+        # A poll read ahead was not handed over, so it is in no snapshot: a resume reads it again.
+        if self._ahead is not None and not self._ahead.cancel():
+            failed = self._ahead.exception()  # waits until the read-ahead thread is done with it
+            if failed is not None:
+                logger.warning("kafka source %s: reading ahead failed: %s", self._label, failed)
+        self._ahead = None
         # The run is over and its last snapshot is written: that offset is safe to commit.
         if self._to_commit is not None and self._to_commit >= 0:
             tp = TopicPartition(self._tp.topic, self._tp.partition, self._to_commit)
@@ -324,8 +379,10 @@ _IDLE_POLL_S = 0.05
 _IDLE_LAG_REPORT_S = 1.0  # an idle partition refreshes its lag gauge at most this often
 
 
-class KafkaBatchSource(FixedPartitionedSource[RawBatch, int]):
-    """`KAFKA_TOPIC_RAW` as one Bytewax partition per topic partition.
+class KafkaBatchSource(FixedPartitionedSource[Any, int]):
+    """`KAFKA_TOPIC_RAW` as one Bytewax partition per topic partition; each batch is
+    `prepare(RawBatch)` (the `RawBatch` itself by default), made on the read-ahead thread while
+    the flow runs on the batch before.
 
     Resumes from the offsets in the recovery snapshot; without one, from the consumer group's
     committed offsets, else from the earliest record. Partitions added to the topic are picked up
@@ -333,9 +390,16 @@ class KafkaBatchSource(FixedPartitionedSource[RawBatch, int]):
     backfills, tests and benchmarks).
     """
 
-    def __init__(self, settings: Settings, *, stop_at_end: bool | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        stop_at_end: bool | None = None,
+        prepare: Callable[[RawBatch], Any] | None = None,
+    ):
         self._settings = settings
         self._stop_at_end = settings.kafka_stop_at_end if stop_at_end is None else stop_at_end
+        self._prepare = prepare or (lambda batch: batch)
 
     def list_parts(self) -> list[str]:
         topic = self._settings.kafka_topic_raw
@@ -351,7 +415,7 @@ class KafkaBatchSource(FixedPartitionedSource[RawBatch, int]):
     def build_part(self, step_id: str, for_part: str, resume_state: int | None) -> _KafkaPartition:
         topic, partition = for_part.rsplit("/", 1)
         return _KafkaPartition(
-            self._settings, topic, int(partition), resume_state, self._stop_at_end
+            self._settings, topic, int(partition), resume_state, self._stop_at_end, self._prepare
         )
 
 

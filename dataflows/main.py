@@ -1,6 +1,6 @@
 """The event pipeline, as a wiring diagram.
 
-    read ─ validate ─ enrich ─┬─ events ─────────────────────────────────→ enriched (+ routes)
+    read+validate ─ enrich ───┬─ events ─────────────────────────────────→ enriched (+ routes)
                               ├─ dlq ────────────────────────────────────→ dlq
                               └─ event_time ─┬─ late ────────────────────→ late
                                              ├─ windows (per shard) ─────→ aggregates
@@ -19,7 +19,7 @@ from bytewax.dataflow import Dataflow
 
 from dataflows.config import Settings
 from dataflows.outputs import Outputs, attach_sinks
-from dataflows.steps import Enrich, Validate, input_source, start_operations
+from dataflows.steps import Enrich, input_source, start_operations
 from operators.sessions import SessionState
 from operators.stateful import GateConfig, event_time_gate, sharded_state
 from operators.windows import WindowState
@@ -27,8 +27,7 @@ from operators.windows import WindowState
 
 def build(settings: Settings) -> Dataflow:
     flow = Dataflow("event_pipeline")
-    raw = op.input("read", flow, input_source(settings))
-    checked = op.map("validate", raw, Validate())
+    checked = op.input("read", flow, input_source(settings))  # validated as it is read
     enriched = op.map("enrich", checked, Enrich(settings))
 
     # Output streams are keyed by source partition (or shard): sinks partition by that key.

@@ -52,12 +52,15 @@ def start_operations(settings: Settings) -> None:
         m.dlq_records(reason.value, 0)
 
 
-def input_source(settings: Settings) -> Source[RawBatch]:
+def input_source(settings: Settings) -> Source[EventBatch]:
+    """The input, validated: a Kafka source validates each partition's next poll on its
+    read-ahead thread while the flow runs on the poll before."""
+    validate = Validate()
     if settings.input_path is not None:
-        return JsonLinesSource(settings.input_path, settings.pipeline_batch_size)
+        return JsonLinesSource(settings.input_path, settings.pipeline_batch_size, validate)
     from connectors.kafka import KafkaBatchSource
 
-    return KafkaBatchSource(settings)
+    return KafkaBatchSource(settings, prepare=validate)
 
 
 def count_dead_letters(step: str, partition: str, records: list[dict]) -> None:
@@ -90,7 +93,8 @@ def count_dead_letters(step: str, partition: str, records: list[dict]) -> None:
 
 
 class Validate:
-    """Decode and validate a raw batch against the contract registry."""
+    """Decode and validate a raw batch against the contract registry (thread-safe: the input
+    runs it on its read-ahead thread)."""
 
     def __init__(self):
         self._registry = default_registry()

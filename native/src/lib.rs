@@ -286,13 +286,16 @@ impl ContractDecoder {
         py: Python<'py>,
         values: Vec<Bound<'py, PyAny>>,
     ) -> PyResult<(Vec<usize>, Vec<Bound<'py, PyTuple>>)> {
-        let records = values.iter().map(|value| {
-            value
-                .downcast::<PyBytes>()
-                .ok()
-                .map(|bytes| bytes.as_bytes())
-        });
-        self.decode_records(py, values.len(), records, None)
+        let records: Vec<Option<&[u8]>> = values
+            .iter()
+            .map(|value| {
+                value
+                    .downcast::<PyBytes>()
+                    .ok()
+                    .map(|bytes| bytes.as_bytes())
+            })
+            .collect();
+        self.decode_records(py, values.len(), records.into_iter(), None)
     }
 
     /// As `decode`, of records one after the other in `values`, each ending where `ends` (an
@@ -366,14 +369,30 @@ struct Origin {
 
 impl ContractDecoder {
     /// `decode` of `count` records (None: not bytes, deferred), with the `origin` columns if
-    /// given.
+    /// given. The records are read without the GIL, so a read-ahead thread decodes while the
+    /// worker runs Python; only the hand-over of the columns takes it.
     fn decode_records<'py, 'a>(
         &self,
         py: Python<'py>,
         count: usize,
-        records: impl Iterator<Item = Option<&'a [u8]>>,
+        records: impl Iterator<Item = Option<&'a [u8]>> + Send,
         origin: Option<&Origin>,
     ) -> PyResult<(Vec<usize>, Vec<Bound<'py, PyTuple>>)> {
+        let (deferred, columns) = py.allow_threads(|| self.rows(count, records, origin));
+        let columns = columns
+            .into_iter()
+            .map(|c| c.into_python(py))
+            .collect::<PyResult<_>>()?;
+        Ok((deferred, columns))
+    }
+
+    /// The indices of the deferred records and the columns of the accepted ones.
+    fn rows<'a>(
+        &self,
+        count: usize,
+        records: impl Iterator<Item = Option<&'a [u8]>>,
+        origin: Option<&Origin>,
+    ) -> (Vec<usize>, Vec<Column>) {
         let mut kinds = self.columns.clone();
         if origin.is_some() {
             kinds.extend([ColumnKind::Millis, ColumnKind::Text]);
@@ -410,11 +429,7 @@ impl ContractDecoder {
                 None => deferred.push(i),
             }
         }
-        let columns = columns
-            .into_iter()
-            .map(|c| c.into_python(py))
-            .collect::<PyResult<_>>()?;
-        Ok((deferred, columns))
+        (deferred, columns)
     }
 
     /// The row of a record that is an object with these members, or None to defer the record.

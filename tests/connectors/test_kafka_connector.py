@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 from datetime import UTC, datetime
@@ -490,6 +491,50 @@ def test_the_compiled_reader_reads_what_consume_reads(settings, unique, monkeypa
     offsets = [int(r.source.rsplit("/", 1)[1]) for r in compiled]
     assert offsets == list(range(201)) + list(range(202, 252))  # 201: the first commit's marker
     assert compiled[150].ingested_at > 1_700_000_000  # the broker's timestamp
+
+
+@pytest.mark.servers
+def test_a_poll_read_ahead_is_prepared_on_its_thread_and_never_in_a_snapshot(settings, unique):
+    pytest.importorskip("pipeline_native")
+    topic = f"{unique}.raw"
+    kafka.ensure_topics(settings, [topic], partitions=1)
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap_servers})
+    values = [b'{"n":%d}' % i for i in range(300)]
+    for value in values:
+        producer.produce(topic, value)
+    producer.flush(10)
+    small_batches = settings.model_copy(update={"pipeline_batch_size": 100})
+    prepared_on = set()
+
+    def prepare(batch):
+        prepared_on.add(threading.current_thread().name.rsplit("_", 1)[0])
+        return [record.value for record in batch.records]
+
+    def read(resume_offset: int | None, batches: int | None = None):
+        source = kafka.KafkaBatchSource(small_batches, stop_at_end=True, prepare=prepare)
+        part = source.build_part("read", f"{topic}/0", resume_offset)
+        handed_over = []
+        try:
+            while batches is None or batches > 0:
+                polled = [value for batch in part.next_batch() for value in batch]
+                if polled and batches is not None:
+                    batches -= 1
+                handed_over += polled
+        except StopIteration:
+            pass
+        return part, handed_over
+
+    part, first = read(None, batches=1)
+    ahead = part._ahead.result(timeout=10)  # the next poll, read and prepared meanwhile
+    assert len(ahead.records) > 0
+    # a snapshot holds what was handed over, not what was read ahead: a resume reads that again
+    assert part.snapshot() == len(first)
+    part.close()
+    resumed, rest = read(len(first))
+    resumed.close()
+    assert first + rest == values
+    # the first poll of a partition is read and prepared where it is asked for; the next ones ahead
+    assert prepared_on == {"kafka-read-ahead", threading.current_thread().name}
 
 
 def test_a_record_the_producer_refuses_raises_a_kafka_error():
