@@ -4,7 +4,8 @@ STACKS.txt is py-spy's collapsed output (`py-spy record --format raw`, written b
 `python -m bench run --profile`). Each sample is charged to the first stage whose marker appears
 in its stack; start-up (imports, building the dataflow, building the sink partitions) and idle
 threads (the metrics server, store write-ahead threads waiting for work) are left out of the
-percentages. Samples are per thread: a store's write-ahead thread runs beside the worker.
+percentages. Samples are per thread: the Kafka source's read-ahead thread (reading and validating
+the next polls) and a store's write-ahead thread run beside the worker.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ STAGES = (
     ("kafka sink: produce", ("_TransactionalPartition._produce",)),
     ("kafka sink: commit", ("_TransactionalPartition._commit", "_TransactionalPartition.close")),
     ("kafka sink: other", ("_TransactionalPartition.write_batch",)),
+    ("read ahead (its own thread)", ("_WorkItem.run",)),
     ("read (kafka source)", ("_KafkaPartition.next_batch",)),
     ("validate", ("decode_batch",)),
     ("enrich", ("Enrich.__call__",)),

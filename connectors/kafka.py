@@ -33,7 +33,7 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
 
 from connectors.base import TransientSinkError, oldest_ingested_at
-from dataflows import metrics
+from dataflows import metrics, priorities
 from dataflows.config import Settings
 from operators.model import (
     ISO_MS_FORMAT,
@@ -184,14 +184,20 @@ def _read_ahead_thread() -> ThreadPoolExecutor:
     """The process's read-ahead thread (made on first use): it reads and prepares each Kafka
     partition's next poll while the worker runs the flow on the one before. One thread is enough:
     the worker takes the polls in the order it asked for them. It keeps the worker's priority
-    (`dataflows.priorities`), as the worker waits for it when it falls behind."""
+    (`dataflows.priorities`): the worker waits for it when it falls behind."""
     global _read_ahead
     with _read_ahead_lock:
         if _read_ahead is None:
-            _read_ahead = ThreadPoolExecutor(1, thread_name_prefix="kafka-read-ahead")
+            _read_ahead = ThreadPoolExecutor(
+                1,
+                thread_name_prefix=READ_AHEAD_THREAD,
+                initializer=priorities.name_this_thread,
+                initargs=(READ_AHEAD_THREAD,),
+            )
         return _read_ahead
 
 
+READ_AHEAD_THREAD = "read-ahead"
 _read_ahead: ThreadPoolExecutor | None = None
 _read_ahead_lock = threading.Lock()
 

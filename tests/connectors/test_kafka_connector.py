@@ -534,7 +534,9 @@ def test_a_poll_read_ahead_is_prepared_on_its_thread_and_never_in_a_snapshot(set
     resumed.close()
     assert first + rest == values
     # the first poll of a partition is read and prepared where it is asked for; the next ones ahead
-    assert prepared_on == {"kafka-read-ahead", threading.current_thread().name}
+    assert prepared_on == {kafka.READ_AHEAD_THREAD, threading.current_thread().name}
+    # named for the kernel too, where `dataflows.priorities` and `top -H` see threads
+    assert kafka.READ_AHEAD_THREAD in priorities.thread_names().values()
 
 
 def test_a_record_the_producer_refuses_raises_a_kafka_error():
