@@ -205,10 +205,10 @@ _read_ahead_lock = threading.Lock()
 class _KafkaPartition(StatefulSourcePartition[Any, int]):
     """One topic partition, read in batches; its state is the next offset to hand over.
 
-    Each batch is `prepare(RawBatch)`. While the flow runs on one batch, the next poll is read and
-    prepared on the read-ahead thread (with the compiled reader; without it, every poll is read
-    in place). A poll read ahead is not yet handed over: a snapshot never counts it, so a resume
-    reads it again.
+    Each batch is `prepare(RawBatch)`. While the partition is a full poll or more behind, the
+    next poll is read and prepared on the read-ahead thread as the flow runs on the one before
+    (with the compiled reader; without it, every poll is read in place). A poll read ahead is not
+    yet handed over: a snapshot never counts it, so a resume reads it again.
 
     Offsets are committed to the consumer group one snapshot behind: when Bytewax asks for the
     snapshot of epoch N, the snapshot of epoch N−1 has been persisted, so the committed offset
@@ -263,14 +263,21 @@ class _KafkaPartition(StatefulSourcePartition[Any, int]):
         self._ended = poll.ended and self._stop_at_end
         if poll.records:
             self._next_offset = poll.records.last_offset() + 1
-            if self._reader is not None and not self._ended:  # still catching up: read on
-                self._ahead = _read_ahead_thread().submit(self._poll)
         elif self._announced:
             self._idle_until = time.monotonic() + _IDLE_POLL_S
             if self._idle_until - self._lag_reported_at >= _IDLE_LAG_REPORT_S:
                 self._report_lag()
             return []
-        self._report_lag()
+        lag = self._report_lag()
+        if (
+            poll.records
+            and self._reader is not None
+            and not self._ended
+            and lag >= self._batch_size
+        ):
+            # A full poll or more behind: catching up, so read the next poll while the flow runs
+            # on this one. Live, polls are small and reading ahead would only add hand-offs.
+            self._ahead = _read_ahead_thread().submit(self._poll)
         self._announced = True
         if poll.prepared is None:
             return [self._prepare(RawBatch(self._label, poll.records))]
@@ -325,12 +332,15 @@ class _KafkaPartition(StatefulSourcePartition[Any, int]):
         logger.warning("kafka source %s: %s", self._label, error)
         return False
 
-    def _report_lag(self) -> None:
-        """`pipeline_consumer_lag` of this partition; from cached watermarks, no broker call."""
+    def _report_lag(self) -> int:
+        """`pipeline_consumer_lag` of this partition (returned; 0 before the first fetch), from
+        cached watermarks: no broker call."""
         self._lag_reported_at = time.monotonic()
         lag = self.lag()
-        if lag is not None:
-            metrics.get().consumer_lag(self._tp.topic, self._tp.partition, lag)
+        if lag is None:
+            return 0
+        metrics.get().consumer_lag(self._tp.topic, self._tp.partition, lag)
+        return lag
 
     def next_awake(self) -> datetime | None:
         if time.monotonic() < self._idle_until:
