@@ -538,6 +538,17 @@ def test_a_poll_read_ahead_is_prepared_on_its_thread_and_never_in_a_snapshot(set
     # named for the kernel too, where `dataflows.priorities` and `top -H` see threads
     assert kafka.READ_AHEAD_THREAD in priorities.thread_names().values()
 
+    # less than a full poll behind (live): each poll is read where it is asked for
+    live = kafka.KafkaBatchSource(settings, stop_at_end=False, prepare=prepare)
+    part = live.build_part("read", f"{topic}/0", len(first))
+    read_in_place = []
+    deadline = time.monotonic() + 20
+    while len(read_in_place) < len(rest) and time.monotonic() < deadline:
+        read_in_place += [value for batch in part.next_batch() for value in batch]
+        assert part._ahead is None
+    part.close()
+    assert read_in_place == rest
+
 
 def test_a_record_the_producer_refuses_raises_a_kafka_error():
     pytest.importorskip("pipeline_native")
