@@ -53,8 +53,9 @@ def start_operations(settings: Settings) -> None:
 
 
 def input_source(settings: Settings) -> Source[EventBatch]:
-    """The input, validated: a Kafka source validates each partition's next poll on its
-    read-ahead thread while the flow runs on the poll before."""
+    """The input, validated as it is read: a Kafka partition that is a full poll or more behind
+    has its next poll read and validated on the read-ahead thread while the flow runs on the one
+    before."""
     validate = Validate()
     if settings.input_path is not None:
         return JsonLinesSource(settings.input_path, settings.pipeline_batch_size, validate)
