@@ -66,16 +66,14 @@ class _JsonLinesPartition(StatefulSourcePartition[Any, tuple[int, int]]):
 
 class JsonLinesSource(FixedPartitionedSource[Any, tuple[int, int]]):
     """One partition per file; each poll yields `prepare` of one `RawBatch` of up to `batch_size`
-    records (the `RawBatch` itself by default)."""
+    records."""
 
-    def __init__(
-        self, path: Path, batch_size: int, prepare: Callable[[RawBatch], Any] | None = None
-    ):
+    def __init__(self, path: Path, batch_size: int, prepare: Callable[[RawBatch], Any]):
         if not path.is_file():
             raise FileNotFoundError(f"PIPELINE_INPUT file not found: {path}")
         self._path = path
         self._batch_size = batch_size
-        self._prepare = prepare or (lambda batch: batch)
+        self._prepare = prepare
 
     def list_parts(self) -> list[str]:
         return [self._path.name]

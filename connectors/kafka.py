@@ -397,8 +397,8 @@ _IDLE_LAG_REPORT_S = 1.0  # an idle partition refreshes its lag gauge at most th
 
 class KafkaBatchSource(FixedPartitionedSource[Any, int]):
     """`KAFKA_TOPIC_RAW` as one Bytewax partition per topic partition; each batch is
-    `prepare(RawBatch)` (the `RawBatch` itself by default), made on the read-ahead thread while
-    the flow runs on the batch before.
+    `prepare(RawBatch)`, made on the read-ahead thread while the flow runs on the batch before
+    when the partition is catching up.
 
     Resumes from the offsets in the recovery snapshot; without one, from the consumer group's
     committed offsets, else from the earliest record. Partitions added to the topic are picked up
@@ -410,12 +410,12 @@ class KafkaBatchSource(FixedPartitionedSource[Any, int]):
         self,
         settings: Settings,
         *,
+        prepare: Callable[[RawBatch], Any],
         stop_at_end: bool | None = None,
-        prepare: Callable[[RawBatch], Any] | None = None,
     ):
         self._settings = settings
         self._stop_at_end = settings.kafka_stop_at_end if stop_at_end is None else stop_at_end
-        self._prepare = prepare or (lambda batch: batch)
+        self._prepare = prepare
 
     def list_parts(self) -> list[str]:
         topic = self._settings.kafka_topic_raw

@@ -471,7 +471,7 @@ def test_the_compiled_reader_reads_what_consume_reads(settings, unique, monkeypa
     def read(compiled: bool) -> list[RawRecord]:
         if not compiled:
             monkeypatch.setattr(kafka, "RecordReader", None)
-        source = kafka.KafkaBatchSource(small_batches, stop_at_end=True)
+        source = kafka.KafkaBatchSource(small_batches, stop_at_end=True, prepare=lambda b: b)
         part = source.build_part("read", f"{topic}/0", None)
         assert (part._reader is not None) is compiled
         records = []
