@@ -478,12 +478,13 @@ fn session_columns<'py>(
         Column::fixed(8, n),
         Column::fixed(8, n),
     );
+    let mut quoted = Vec::with_capacity(26); // one time as JSON text, reused
     for (_, session_id, s) in closed {
         texts[0].push_text(Some(&s.tenant));
         texts[1].push_text(s.user_id.as_deref());
         texts[2].push_text(Some(session_id));
         for (column, ms) in texts[3..].iter_mut().zip([s.start, s.end]) {
-            let mut quoted = Vec::with_capacity(26);
+            quoted.clear();
             write_iso_millis(ms, &mut quoted)?;
             column.push_text_with(|data| data.extend_from_slice(&quoted[1..quoted.len() - 1]));
         }
