@@ -239,14 +239,15 @@ def test_compiled_values_read_string_views_inline_and_in_several_data_buffers():
         assert kafka._native_values(rows) == [orjson.dumps(row) for row in as_dicts(rows)]
 
 
-def test_compiled_values_escape_at_every_position_of_the_eight_byte_scan():
+def test_compiled_values_escape_at_every_position_of_the_scan():
     pytest.importorskip("pipeline_native")
-    # the scan reads eight bytes at a time: put each kind of escaped byte (and its neighbours
-    # that must not be escaped) at every offset of values up to three words long
+    # the scan reads sixteen bytes at a time, then eight, then one: put each kind of escaped byte
+    # (and its neighbours that must not be escaped) at every offset of values up to three
+    # sixteen-byte blocks long
     specials = ['"', "\\", "\x00", "\x1f", "\n", " ", "\x7f", "é", "!", "#", "[", "]"]
     texts = [
         "x" * at + special + "y" * (length - at - 1)
-        for length in range(1, 26)
+        for length in range(1, 50)
         for at in range(length)
         for special in specials
     ]

@@ -196,6 +196,24 @@ def test_json_at_the_edges_of_the_grammar_decodes_as_in_python():
     assert batch.events.height > 30 and len(batch.dlq) > 30
 
 
+def test_strings_with_a_special_byte_at_every_position_decode_as_in_python():
+    # the string scan reads sixteen bytes at a time, then eight, then one: a quote, backslash or
+    # control byte, raw (refused) or escaped, at every offset of values up to three blocks long,
+    # next to bytes that need nothing (0x20, 0x7f, UTF-8)
+    specials = [b'"', b"\\", b"\x00", b"\x1f", b"\n", b'\\"', b"\\\\", b"\\n", b"\\u00e9"]
+    specials += [b" ", b"\x7f", "é".encode(), b"!", b"#", b"]"]
+    values = [
+        _json({**BASE, "user_agent": "@"}).replace(
+            b'"@"', b'"' + b"x" * at + special + b"y" * (length - at - 1) + b'"'
+        )
+        for length in range(1, 50)
+        for at in range(length)
+        for special in specials
+    ]
+    batch = _assert_same(values)
+    assert batch.events.height > 0 and len(batch.dlq) > 0
+
+
 def test_random_mutations_decode_as_in_python():
     rng = random.Random(7)
     pool = _variants() + _grammar_cases() + list(generate(2000, seed=3))
