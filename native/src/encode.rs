@@ -132,7 +132,31 @@ impl Column<'_> {
     }
 }
 
+/// Rows ahead of the one being written whose values `Column::prefetch` asks for: a string's text
+/// is fetched once its view has arrived (asked for `PREFETCH_ROWS` rows before).
+const PREFETCH_ROWS: usize = 32;
+
 impl<'a> Column<'a> {
+    /// Asks the CPU to start fetching what writing rows ahead of `row` will read.
+    #[inline]
+    fn prefetch(&self, row: usize) {
+        let i = self.offset + row;
+        let width = self.kind.width();
+        if width > 0 {
+            prefetch(self.data, (i + PREFETCH_ROWS) * width);
+        }
+        let near = i + PREFETCH_ROWS / 2;
+        if self.kind == Kind::TextView && (near + 1) * 16 <= self.data.len() {
+            let view = &self.data[near * 16..near * 16 + 16];
+            if u32::from_le_bytes(le(view, 0)) > 12 {
+                let block = u32::from_le_bytes(le(view, 2)) as usize;
+                if let Some(data) = self.blocks.get(block) {
+                    prefetch(data, u32::from_le_bytes(le(view, 3)) as usize);
+                }
+            }
+        }
+    }
+
     /// The bytes of view `i`: inline up to 12 bytes, else (block, offset) into the blocks.
     fn view(&self, i: usize) -> PyResult<&'a [u8]> {
         let view: &'a [u8] = &self.data[i * 16..i * 16 + 16];
@@ -147,6 +171,21 @@ impl<'a> Column<'a> {
             .and_then(|data| data.get(start..start + length))
             .ok_or_else(|| PyValueError::new_err("a string view points outside its buffers"))
     }
+}
+
+/// A hint to fetch the cache line of `data[at]` (nothing if `at` is past the end).
+#[inline]
+fn prefetch(data: &[u8], at: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if at < data.len() {
+        // SAFETY: a prefetch of an address inside `data`; it reads nothing and cannot fault
+        unsafe {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            _mm_prefetch::<_MM_HINT_T0>(data.as_ptr().add(at).cast());
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (data, at);
 }
 
 fn int(value: impl itoa::Integer, out: &mut Vec<u8>) {
@@ -267,6 +306,11 @@ impl<'a> RowEncoder<'a> {
 
     /// Row `row` as one JSON object, appended to `out`.
     pub(crate) fn write(&self, row: usize, out: &mut Vec<u8>) -> PyResult<()> {
+        // A frame's columns are far apart in memory and a row reads one value of each: without
+        // asking ahead, most of the encoder's time went into waiting for those reads.
+        for column in &self.columns {
+            column.prefetch(row);
+        }
         for column in &self.columns {
             out.extend_from_slice(&column.key);
             column.write(row, out)?;
