@@ -79,7 +79,7 @@ def session_partials(events: pl.DataFrame, gap_ms: int, shards: int) -> dict[int
     )
     if columns.height == 0:
         return {}
-    _arrays, buffers = arrow_columns(columns)  # the arrays stay alive until read
+    _arrays, buffers = arrow_columns(columns, string_views=True)  # alive until read
     return dict(compiled.session_events(columns.height, buffers, shards))
 
 

@@ -16,7 +16,7 @@ use pyo3::types::{PyBytes, PyDict, PyTuple};
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::columns::Column;
-use crate::encode::{bit, buffer, write_iso_millis, RawBuffer};
+use crate::encode::{buffer, write_iso_millis, ColumnSpec, TextColumn};
 
 /// Text values in one buffer; value `i` is `data[ends[i - 1]..ends[i]]`, None where not valid.
 /// Written as the data, then each value's length as a little-endian i32 (-1: None): the layout
@@ -154,72 +154,28 @@ impl SessionEvents {
     }
 }
 
-/// A large_string Arrow column by its buffers.
-struct TextColumn<'a> {
-    offset: usize,
-    validity: Option<&'a [u8]>,
-    offsets: &'a [u8],
-    data: &'a [u8],
+fn utf8(value: Option<&[u8]>) -> PyResult<Option<&str>> {
+    value
+        .map(std::str::from_utf8)
+        .transpose()
+        .map_err(|_| PyValueError::new_err("text is not UTF-8"))
 }
-
-impl<'a> TextColumn<'a> {
-    fn new(
-        length: usize,
-        (offset, buffers): (usize, Vec<RawBuffer>),
-        name: &str,
-    ) -> PyResult<Self> {
-        let end = offset + length;
-        let validity = match buffers.first() {
-            Some(Some(_)) => Some(buffer(buffers[0], end.div_ceil(8), name)?),
-            _ => None,
-        };
-        let offsets = buffer(*buffers.get(1).unwrap_or(&None), (end + 1) * 8, name)?;
-        let last = i64::from_le_bytes(offsets[end * 8..end * 8 + 8].try_into().unwrap()) as usize;
-        let data = buffer(*buffers.get(2).unwrap_or(&None), last, name)?;
-        Ok(TextColumn {
-            offset,
-            validity,
-            offsets,
-            data,
-        })
-    }
-
-    fn get(&self, row: usize) -> PyResult<Option<&'a str>> {
-        let i = self.offset + row;
-        if self.validity.is_some_and(|v| !bit(v, i)) {
-            return Ok(None);
-        }
-        let at = |k: usize| i64::from_le_bytes(self.offsets[k * 8..k * 8 + 8].try_into().unwrap());
-        let (start, end) = (at(i) as usize, at(i + 1) as usize);
-        let text = self
-            .data
-            .get(start..end)
-            .ok_or_else(|| PyValueError::new_err("bad offsets"))?;
-        std::str::from_utf8(text)
-            .map(Some)
-            .map_err(|_| PyValueError::new_err("text is not UTF-8"))
-    }
-}
-
-/// A column as `operators.model.arrow_columns` describes it: (name, Arrow type name, array
-/// offset, buffers).
-type ArrowColumn = (String, String, usize, Vec<RawBuffer>);
 
 /// A batch's events with a session id, by shard: `length` rows of the columns session_id, tenant,
-/// user_id (large_string) and timestamp (int64 epoch ms), in that order.
+/// user_id (string_view, as polars holds text) and timestamp (int64 epoch ms), in that order.
 #[pyfunction]
 pub fn session_events(
     length: usize,
-    columns: Vec<ArrowColumn>,
+    columns: Vec<ColumnSpec>,
     shards: u32,
 ) -> PyResult<Vec<(u32, SessionEvents)>> {
     if shards == 0 {
         return Err(PyValueError::new_err("shards must be at least 1"));
     }
     let expected = [
-        ("session_id", "large_string"),
-        ("tenant", "large_string"),
-        ("user_id", "large_string"),
+        ("session_id", "string_view"),
+        ("tenant", "string_view"),
+        ("user_id", "string_view"),
         ("timestamp", "int64"),
     ];
     let names: Vec<(&str, &str)> = columns
@@ -231,13 +187,11 @@ pub fn session_events(
             "session events: columns {names:?}, expected {expected:?}"
         )));
     }
-    let mut columns = columns
-        .into_iter()
-        .map(|(_, _, offset, buffers)| (offset, buffers));
-    let session_ids = TextColumn::new(length, columns.next().unwrap(), "session_id")?;
-    let tenants = TextColumn::new(length, columns.next().unwrap(), "tenant")?;
-    let user_ids = TextColumn::new(length, columns.next().unwrap(), "user_id")?;
-    let (time_offset, time_buffers) = columns.next().unwrap();
+    let mut columns = columns.into_iter();
+    let session_ids = TextColumn::new(length, columns.next().unwrap())?;
+    let tenants = TextColumn::new(length, columns.next().unwrap())?;
+    let user_ids = TextColumn::new(length, columns.next().unwrap())?;
+    let (_, _, time_offset, time_buffers) = columns.next().unwrap();
     if time_buffers
         .first()
         .is_some_and(|validity| validity.is_some())
@@ -251,14 +205,14 @@ pub fn session_events(
     )?;
     let mut by_shard: Vec<SessionEvents> = vec![SessionEvents::default(); shards as usize];
     for row in 0..length {
-        let Some(session_id) = session_ids.get(row)? else {
+        let Some(session_id) = utf8(session_ids.get(row)?)? else {
             continue;
         };
         let events = &mut by_shard[(crc32fast::hash(session_id.as_bytes()) % shards) as usize];
         let i = time_offset + row;
         events.session_ids.push(Some(session_id));
-        events.tenants.push(tenants.get(row)?);
-        events.user_ids.push(user_ids.get(row)?);
+        events.tenants.push(utf8(tenants.get(row)?)?);
+        events.user_ids.push(utf8(user_ids.get(row)?)?);
         events.times.push(i64::from_le_bytes(
             time_data[i * 8..i * 8 + 8].try_into().unwrap(),
         ));

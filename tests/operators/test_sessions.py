@@ -207,7 +207,7 @@ def test_compiled_session_events_refuse_columns_they_do_not_know(compiled_sessio
     frame = events([("s1", T0, "u")]).select(
         "session_id", "tenant", "user_id", pl.col("timestamp").dt.epoch("s")
     )
-    _arrays, columns = arrow_columns(frame)
+    _arrays, columns = arrow_columns(frame, string_views=True)
     with pytest.raises(ValueError, match="expected"):
         compiled_sessions.session_events(1, columns[::-1], 1)
     with pytest.raises(ValueError, match="shards"):
