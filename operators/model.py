@@ -244,6 +244,15 @@ def arrow_array(arrow_type: pa.DataType, rows: int, column: BufferColumn) -> pa.
     return pa.Array.from_buffers(arrow_type, rows, buffers)
 
 
+def string_view_array(rows: int, column: BufferColumn, shared: pa.Buffer) -> pa.Array:
+    """A compiled string view column, (data, views, validity), as an Arrow string_view array
+    whose long values point into `shared` (buffer 0: the text they were read from, kept alive
+    by the array) or `data` (buffer 1)."""
+    data, views, validity = column
+    buffers = [None if validity is None else pa.py_buffer(validity), pa.py_buffer(views)]
+    return pa.Array.from_buffers(pa.string_view(), rows, [*buffers, shared, pa.py_buffer(data)])
+
+
 ArrowColumn = tuple[str, str, int, list[tuple[int, int] | None]]
 
 

@@ -75,6 +75,7 @@ from operators.model import (
     arrow_array,
     derive_correlation_id,
     dlq_record,
+    string_view_array,
 )
 
 log = logging.getLogger(__name__)
@@ -631,8 +632,7 @@ _NATIVE_COLUMNS = tuple(
     for c in EVENT_COLUMNS
     if c not in ("ingested_at", "source")
 )
-_ARROW_TYPES = {
-    "text": pa.large_string(),
+_ARROW_TYPES = {  # text: string views (`string_view_array`)
     "int32": pa.int32(),
     "millis": pa.timestamp("ms", tz="UTC"),
 }
@@ -684,13 +684,18 @@ def _native_frame(
     stream. For a Kafka poll the decoder writes `ingested_at` and `source` as well."""
     n = len(records) if accepted is None else len(accepted)
     kinds = [kind for _, kind in _NATIVE_COLUMNS]
-    if isinstance(records, PolledRecords):
+    polled = isinstance(records, PolledRecords)
+    if polled:
         kinds += ["millis", "text"]
+    # text values point into the poll's buffer unless they had escapes: no copy
+    shared = pa.py_buffer(records.values if polled else b"")
     arrays = [
-        arrow_array(_ARROW_TYPES[kind], n, column)
+        string_view_array(n, column, shared)
+        if kind == "text"
+        else arrow_array(_ARROW_TYPES[kind], n, column)
         for kind, column in zip(kinds, columns, strict=True)
     ]
-    if not isinstance(records, PolledRecords):
+    if not polled:
         chosen = records if accepted is None else [records[i] for i in accepted]
         ingested = pa.array([round(r.ingested_at * 1000) for r in chosen], pa.int64())
         source = pa.array([record.source for record in chosen], pa.large_string())

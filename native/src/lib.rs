@@ -104,9 +104,10 @@ impl<'a> Cell<'a> {
 }
 
 impl ColumnKind {
-    fn column(self, capacity: usize) -> Column {
+    /// An empty column of this kind; text values that lie in `shared` are not copied.
+    fn column(self, capacity: usize, shared: &[u8]) -> Column {
         match self {
-            ColumnKind::Text => Column::text(capacity),
+            ColumnKind::Text => Column::views(capacity, shared),
             ColumnKind::Int32 => Column::fixed(4, capacity),
             ColumnKind::Millis => Column::fixed(8, capacity),
         }
@@ -280,7 +281,9 @@ impl ContractDecoder {
     }
 
     /// `values`: the raw records. Returns (indices of the deferred records, one column per
-    /// output column for the accepted ones, in record order).
+    /// output column for the accepted ones, in record order). A text column is a string view
+    /// column as (data, views, validity) whose views point into the data only (`decode_packed`:
+    /// also into its `values`, as buffer 0).
     fn decode<'py>(
         &self,
         py: Python<'py>,
@@ -295,7 +298,7 @@ impl ContractDecoder {
                     .map(|bytes| bytes.as_bytes())
             })
             .collect();
-        self.decode_records(py, values.len(), records.into_iter(), None)
+        self.decode_records(py, values.len(), records.into_iter(), &[], None)
     }
 
     /// As `decode`, of records one after the other in `values`, each ending where `ends` (an
@@ -348,7 +351,7 @@ impl ContractDecoder {
         let records = starts
             .zip(&ends)
             .map(|(start, &end)| Some(&values[start as usize..end as usize]));
-        self.decode_records(py, count, records, origin.as_ref())
+        self.decode_records(py, count, records, values, origin.as_ref())
     }
 }
 
@@ -369,16 +372,18 @@ struct Origin {
 
 impl ContractDecoder {
     /// `decode` of `count` records (None: not bytes, deferred), with the `origin` columns if
-    /// given. The records are read without the GIL, so a read-ahead thread decodes while the
-    /// worker runs Python; only the hand-over of the columns takes it.
+    /// given. Text columns are string views: a value that lies in `shared` (the records' own
+    /// buffer, or empty) points into it. The records are read without the GIL, so a read-ahead
+    /// thread decodes while the worker runs Python; only the hand-over of the columns takes it.
     fn decode_records<'py, 'a>(
         &self,
         py: Python<'py>,
         count: usize,
         records: impl Iterator<Item = Option<&'a [u8]>> + Send,
+        shared: &[u8],
         origin: Option<&Origin>,
     ) -> PyResult<(Vec<usize>, Vec<Bound<'py, PyTuple>>)> {
-        let (deferred, columns) = py.allow_threads(|| self.rows(count, records, origin));
+        let (deferred, columns) = py.allow_threads(|| self.rows(count, records, shared, origin));
         let columns = columns
             .into_iter()
             .map(|c| c.into_python(py))
@@ -391,13 +396,14 @@ impl ContractDecoder {
         &self,
         count: usize,
         records: impl Iterator<Item = Option<&'a [u8]>>,
+        shared: &[u8],
         origin: Option<&Origin>,
     ) -> (Vec<usize>, Vec<Column>) {
         let mut kinds = self.columns.clone();
         if origin.is_some() {
             kinds.extend([ColumnKind::Millis, ColumnKind::Text]);
         }
-        let mut columns: Vec<Column> = kinds.iter().map(|k| k.column(count)).collect();
+        let mut columns: Vec<Column> = kinds.iter().map(|k| k.column(count, shared)).collect();
         let width = self.columns.len();
         let mut deferred = Vec::new();
         let mut number = itoa::Buffer::new();
