@@ -38,15 +38,18 @@ def test_only_helper_threads_get_the_lower_priority():
             for tid, name in priorities.thread_names().items()
             if name.startswith(("rdk:", "kafka-w"))
         ]
-        below = sum(os.getpriority(os.PRIO_PROCESS, tid) < 7 for tid in helpers)
-        assert below >= 2
-        assert priorities.lower_helper_threads(7) == below
+        assert sum(os.getpriority(os.PRIO_PROCESS, tid) < 7 for tid in helpers) >= 2
+        # (at least ours: such a leftover client may start or end threads meanwhile)
+        assert priorities.lower_helper_threads(7) >= 2
+        expected = {b"rdk:broker7": 7, b"kafka-writer": 7, b"polars-0": 0, b"rdk-lookalike": 0}
         nice = {name: os.getpriority(os.PRIO_PROCESS, tid) for name, tid in ids.items()}
-        assert nice == {b"rdk:broker7": 7, b"kafka-writer": 7, b"polars-0": 0, b"rdk-lookalike": 0}
+        assert nice == expected
         assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == 0  # the worker's
         # threads already at (or below) that priority are left as they are
-        assert priorities.lower_helper_threads(7) == 0
-        assert priorities.lower_helper_threads(3) == 0
+        priorities.lower_helper_threads(7)
+        priorities.lower_helper_threads(3)
+        nice = {name: os.getpriority(os.PRIO_PROCESS, tid) for name, tid in ids.items()}
+        assert nice == expected
     finally:
         done.set()
 
@@ -78,7 +81,7 @@ def test_threads_whose_role_is_known_are_not_read_again():
         # the thread that was still unnamed is read again, and found once it names itself
         rename.set()
         assert renamed.wait(10)
-        assert priorities.lower_helper_threads(7, settled) == 1
+        assert priorities.lower_helper_threads(7, settled) >= 1  # a leftover client's may join
         assert os.getpriority(os.PRIO_PROCESS, ids["unnamed"]) == 7
         assert ids["unnamed"] in settled
     finally:
