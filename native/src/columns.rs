@@ -96,7 +96,8 @@ impl Column {
         let bytes = text.as_bytes();
         if let Layout::Views { views, shared } = &mut self.layout {
             let at = (bytes.as_ptr() as usize).wrapping_sub(shared.0);
-            if bytes.len() > 12 && at < shared.1 && at + bytes.len() <= shared.1 {
+            // a short value goes inline in its view, a long one in the shared text stays there
+            if bytes.len() <= 12 || (at < shared.1 && at + bytes.len() <= shared.1) {
                 push_view(views, bytes, 0, at);
                 self.valid.push(true);
                 return;

@@ -341,6 +341,14 @@ impl<'a> TextColumn<'a> {
         Ok(column)
     }
 
+    /// `get` as text (Arrow text is UTF-8; checked all the same).
+    pub(crate) fn get_str(&self, row: usize) -> PyResult<Option<&'a str>> {
+        self.get(row)?
+            .map(std::str::from_utf8)
+            .transpose()
+            .map_err(|_| PyValueError::new_err("text is not UTF-8"))
+    }
+
     pub(crate) fn get(&self, row: usize) -> PyResult<Option<&'a [u8]>> {
         let i = self.0.offset + row;
         if self.0.validity.is_some_and(|v| !bit(v, i)) {

@@ -154,13 +154,6 @@ impl SessionEvents {
     }
 }
 
-fn utf8(value: Option<&[u8]>) -> PyResult<Option<&str>> {
-    value
-        .map(std::str::from_utf8)
-        .transpose()
-        .map_err(|_| PyValueError::new_err("text is not UTF-8"))
-}
-
 /// A batch's events with a session id, by shard: `length` rows of the columns session_id, tenant,
 /// user_id (string_view, as polars holds text) and timestamp (int64 epoch ms), in that order.
 #[pyfunction]
@@ -205,14 +198,14 @@ pub fn session_events(
     )?;
     let mut by_shard: Vec<SessionEvents> = vec![SessionEvents::default(); shards as usize];
     for row in 0..length {
-        let Some(session_id) = utf8(session_ids.get(row)?)? else {
+        let Some(session_id) = session_ids.get_str(row)? else {
             continue;
         };
         let events = &mut by_shard[(crc32fast::hash(session_id.as_bytes()) % shards) as usize];
         let i = time_offset + row;
         events.session_ids.push(Some(session_id));
-        events.tenants.push(utf8(tenants.get(row)?)?);
-        events.user_ids.push(utf8(user_ids.get(row)?)?);
+        events.tenants.push(tenants.get_str(row)?);
+        events.user_ids.push(user_ids.get_str(row)?);
         events.times.push(i64::from_le_bytes(
             time_data[i * 8..i * 8 + 8].try_into().unwrap(),
         ));
