@@ -1,21 +1,24 @@
 """Tumbling event-time windows (1m, 5m, 1h): count and exact unique users per tenant × event type.
 
-Two steps, so that the per-event work is columnar:
-1. `window_partials` pre-aggregates one batch with polars: one row per (tenant, type, minute) with
-   the batch's count and distinct user ids.
-2. `WindowState` (one per shard) folds each partial into the cells of every window size it falls in
-   and emits a cell when the shard's watermark passes the window's end. A partial that lands in an
-   already emitted cell (a late event under the `reaggregate` policy) re-emits the cell with
-   `revision + 1` and corrected totals. Emitted cells are kept for `retention_ms` past their end so
-   late corrections stay exact, then freed; anything older than that horizon is dropped and
-   counted (never re-emitted as revision 0).
+The event-time gate hands each shard a batch's window input (`window_partials`); the shard's
+`WindowState` keeps a table of cells, one per tenant, type and window. The table folds the input
+into the cell of every window size it falls in and emits a cell when the shard's watermark passes
+the window's end. Input that lands in an already emitted cell (a late event under the
+`reaggregate` policy) re-emits the cell with `revision + 1` and corrected totals. Emitted cells are
+kept for `retention_ms` past their end so late corrections stay exact, then freed; anything older
+than that horizon is dropped and counted (never re-emitted as revision 0).
 
-`unique_users` is exact: each cell holds its distinct non-null user ids, as a set while the window
-is open and, once emitted, packed into one string (a few bytes per user instead of a set slot and a
-string object each). Most cells of a shard are emitted ones waiting out the retention, so this is
-what keeps memory and snapshots small; a late event only searches and extends the string. An open
-cell also keeps the text its last snapshot packed and the users added since: each epoch's snapshot
-extends that text instead of pickling a 1 h window's users one string at a time.
+Two implementations of the same table: the compiled one (`native/`, `pipeline_native`), which takes
+a shard's events as columns and holds user ids as numbers, and the Python one here, the
+specification it is tested against, which takes partial aggregates made with polars. The compiled
+one is used where it is installed; snapshots are the same either way.
+
+`unique_users` is exact: each cell holds its distinct non-null user ids. In the Python table they
+are a set while the window is open and, once emitted, packed into one string (a few bytes per user
+instead of a set slot and a string object each); most cells of a shard are emitted ones waiting out
+the retention. Snapshot chunks hold every cell's users packed that way. An open Python cell also
+keeps the text its last snapshot packed and the users added since: each epoch's snapshot extends
+that text instead of pickling a 1 h window's users one string at a time.
 """
 
 from __future__ import annotations
@@ -25,19 +28,29 @@ import sys
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import polars as pl
 
 from operators.event_time import END_WATERMARK
+from operators.model import arrow_columns
 from operators.sharding import ShardClock, rows_by_shard
 from operators.snapshot_log import SnapshotLog
+
+try:  # the compiled table (native/, built by `make install`)
+    import pipeline_native as compiled
+except ImportError:
+    compiled = None
+if not hasattr(compiled, "WindowTable"):  # not built, or built before it had one
+    compiled = None
 
 WINDOW_SIZES_MS: dict[str, int] = {"1m": 60_000, "5m": 300_000, "1h": 3_600_000}
 # Partials are per window of the smallest size; every size is a whole number of them.
 _BASE_MS = min(WINDOW_SIZES_MS.values())
 
 CellKey = tuple[str, str, str, int]  # tenant, event_type, window label, window_start_ms
+# A cell as snapshot chunks and `WindowTable.load` hold it: count, users, revision.
+CellTuple = tuple[int, set[str] | str, int]
 
 # Delimits the user ids of an emitted cell; a cell with a user id containing it stays a set.
 _SEPARATOR = "\x00"
@@ -65,11 +78,24 @@ def iso_ms(epoch_ms: int) -> str:
 _window_iso = lru_cache(maxsize=4096)(iso_ms)
 
 
-def window_partials(events: pl.DataFrame, shards: int) -> dict[int, list[tuple]]:
-    """Per-shard partial aggregates of one batch (`tenant`, `type`, `timestamp`, `user_id`): rows
-    `(tenant, type, start_ms, count, users)`, one per tenant, type and window of the smallest size.
-    The shard folds each row into every window size, so the user ids of a batch cross into Python
-    once, not once per size."""
+def window_partials(events: pl.DataFrame, shards: int) -> dict[int, Any]:
+    """A batch's window input per shard (`tenant`, `type`, `timestamp`, `user_id`), as the shard's
+    table takes it: `WindowEvents` (compiled) or partial rows (`python_window_partials`)."""
+    if compiled is None:
+        return python_window_partials(events, shards)
+    columns = events.select(
+        pl.col("tenant", "type", "user_id").cast(pl.String), pl.col("timestamp").dt.epoch("ms")
+    )
+    if columns.height == 0:
+        return {}
+    _arrays, buffers = arrow_columns(columns, string_views=True)  # alive until read
+    return dict(compiled.window_events(columns.height, buffers, shards))
+
+
+def python_window_partials(events: pl.DataFrame, shards: int) -> dict[int, list[tuple]]:
+    """Per-shard partial aggregates of one batch: rows `(tenant, type, start_ms, count, users)`,
+    one per tenant, type and window of the smallest size. The shard folds each row into every
+    window size, so the user ids of a batch cross into Python once, not once per size."""
     if events.height == 0:
         return {}
     start = pl.col("timestamp").dt.epoch("ms") // _BASE_MS * _BASE_MS
@@ -165,111 +191,87 @@ def _unique(users: set[str] | str) -> int:
     return len(users) if isinstance(users, set) else users.count(_SEPARATOR) - 1
 
 
-def _encode_cells(keys: list[CellKey], current: dict[CellKey, Cell]) -> dict:
-    # Columns of builtins pickle several times faster than an object per cell.
-    cells = [current[key] for key in keys]
-    return {
-        "keys": keys,
-        "counts": [cell.count for cell in cells],
-        "users": [_snapshot_users(cell) for cell in cells],
-        "revisions": [cell.revision for cell in cells],
-    }
+def _encode_cells(keys: list[CellKey], table: Any) -> dict:
+    return table.encode(keys)
 
 
-def _decode_cells(chunk: dict) -> tuple[list[CellKey], list[Cell]]:
-    cells = []
-    for count, users, revision in zip(
-        chunk["counts"], chunk["users"], chunk["revisions"], strict=True
-    ):
-        if revision < 0 and isinstance(users, str):  # open: a set again, its packed text kept
-            cells.append(Cell(count, set(_unpack(users)), revision, users))
-        else:
-            cells.append(Cell(count, users, revision))
-    return chunk["keys"], cells
+def _decode_cells(chunk: dict) -> tuple[list[CellKey], list[CellTuple]]:
+    """The keys of a chunk and their cells; chunks of either table."""
+    cells = zip(chunk["counts"], chunk["users"], chunk["revisions"], strict=True)
+    return chunk["keys"], list(cells)
 
 
 def _new_log() -> SnapshotLog:
     return SnapshotLog(_encode_cells, _decode_cells)
 
 
-@dataclass
-class WindowState:
-    """The windows of one shard."""
+def _new_table(retention_ms: int) -> Any:
+    return (compiled.WindowTable if compiled is not None else WindowTable)(retention_ms)
 
-    retention_ms: int
-    clock: ShardClock = field(default_factory=ShardClock)
-    cells: dict[CellKey, Cell] = field(default_factory=dict)
-    pending: list[tuple[int, CellKey]] = field(default_factory=list)  # heap: not yet emitted
-    emitted: list[tuple[int, CellKey]] = field(default_factory=list)  # heap: awaiting expiry
-    # Windows that ended at or before this horizon are gone for good.
-    horizon_ms: int = -(2**62)
-    dropped_events: int = 0
-    log: SnapshotLog = field(default_factory=_new_log, repr=False, compare=False)
 
-    state_kind: ClassVar[str] = "window_cells"
+class WindowTable:
+    """The cells of one shard by key; `pending` and `emitted` are heaps of (window end, key) of the
+    cells not emitted yet and of those kept for late corrections."""
 
-    def state_size(self) -> int:
-        """Cells held: windows not emitted yet and emitted ones kept for late corrections."""
+    def __init__(self, retention_ms: int):
+        self.retention_ms = retention_ms
+        self.horizon_ms = -(2**62)  # windows that ended at or before it are gone for good
+        self.dropped_events = 0
+        self.cells: dict[CellKey, Cell] = {}
+        self.pending: list[tuple[int, CellKey]] = []
+        self.emitted: list[tuple[int, CellKey]] = []
+        self._revised: set[CellKey] = set()  # emitted cells changed since the last `emit`
+        self._changed: set[CellKey] = set()
+
+    def __len__(self) -> int:
         return len(self.cells)
+
+    def __contains__(self, key: CellKey) -> bool:
+        return key in self.cells
 
     def users_held(self) -> int:
         """User ids the cells hold, counted once per cell (what their memory grows with)."""
         return sum(_unique(cell.users) for cell in self.cells.values())
 
-    def __getstate__(self) -> dict:
-        # Snapshots happen every epoch: the cells are sealed into chunks (see `SnapshotLog`), of
-        # which only the one with the cells changed since the last snapshot is pickled anew. The
-        # heaps follow from the cells (emitted or not).
+    def entries(self) -> list[tuple[CellKey, int, set[str] | str, int]]:
+        """Every cell as `load` takes it: (key, count, users as a snapshot chunk holds them,
+        revision)."""
+        cells = self.cells.items()
+        return [(k, c.count, _snapshot_users(c), c.revision) for k, c in cells]
+
+    def take_changed(self) -> set[CellKey]:
+        """The keys of the cells written or deleted since the last call."""
+        changed, self._changed = self._changed, set()
+        return changed
+
+    def encode(self, keys: list[CellKey]) -> dict:
+        """The cells of `keys` as a snapshot chunk: columns of builtins pickle several times faster
+        than an object per cell."""
+        cells = [self.cells[key] for key in keys]
         return {
-            "retention_ms": self.retention_ms,
-            "clock": self.clock,
-            "horizon_ms": self.horizon_ms,
-            "dropped_events": self.dropped_events,
-            "chunks": self.log.seal(self.cells),
+            "keys": keys,
+            "counts": [cell.count for cell in cells],
+            "users": [_snapshot_users(cell) for cell in cells],
+            "revisions": [cell.revision for cell in cells],
         }
 
-    def __setstate__(self, state: dict) -> None:
-        self.log = _new_log()
-        if "cells" in state:  # written before the columnar form: the attributes as such
-            self.__dict__.update(state)
-            # (their cells were pickled before cells had `packed` and `added`)
-            self.cells = {k: Cell(c.count, c.users, c.revision) for k, c in self.cells.items()}
-            self.log.changed.update(self.cells)
-            return
-        self.retention_ms = state["retention_ms"]
-        self.clock = state["clock"]
-        self.horizon_ms = state["horizon_ms"]
-        self.dropped_events = state["dropped_events"]
-        # A deleted cell can have an earlier version in an older chunk; deletion comes with
-        # expiry, so that version has expired too.
-        horizon = self.horizon_ms
-        self.cells = self.log.restore(
-            state, lambda key, _: key[3] + WINDOW_SIZES_MS[key[2]] > horizon
-        )
-        self.pending = []
-        self.emitted = []
-        for key, cell in self.cells.items():
-            heap = self.pending if cell.revision < 0 else self.emitted
+    def load(self, entries: list[tuple[CellKey, int, set[str] | str, int]]) -> None:
+        """Replace the cells by `entries` (key, count, users, revision); which windows are pending
+        or emitted follows from the revisions."""
+        self.__init__(self.retention_ms)
+        for key, count, users, revision in entries:
+            if revision < 0 and isinstance(users, str):  # open: a set again, its packed text kept
+                self.cells[key] = Cell(count, set(_unpack(users)), revision, users)
+            else:
+                self.cells[key] = Cell(count, users, revision)
+            heap = self.pending if revision < 0 else self.emitted
             heap.append((key[3] + WINDOW_SIZES_MS[key[2]], key))
         heapq.heapify(self.pending)
         heapq.heapify(self.emitted)
 
-    def apply(self, partition: str, watermark_ms: int, partials: list[tuple] | None) -> list[dict]:
-        """Merge one batch's partials, advance the watermark, return the rows to emit."""
-        return self.apply_all([(partition, watermark_ms, partials)])
-
-    def apply_all(self, inputs: list[tuple[str, int, list[tuple] | None]]) -> list[dict]:
-        """Like `apply` for several batches at once: every watermark is taken in before anything
-        closes, so a partition that is behind holds windows back even within one delivery."""
-        revised: set[CellKey] = set()
-        for partition, watermark_ms, partials in inputs:
-            if partials is not None:
-                self._absorb(partials, revised)
-            self.clock.update(partition, watermark_ms)
-        return self._emit(self.clock.watermark_ms, revised)
-
-    def _absorb(self, partials: list[tuple], revised: set[CellKey]) -> None:
-        cells, touch = self.cells, self.log.changed.add
+    def absorb(self, partials: list[tuple]) -> None:
+        """Fold a batch's partial rows into their cells (see `python_window_partials`)."""
+        cells, touch = self.cells, self._changed.add
         for tenant, etype, base_start, count, users in partials:
             for label, size in WINDOW_SIZES_MS.items():
                 start = base_start - base_start % size
@@ -287,15 +289,15 @@ class WindowState:
                     continue
                 touch(key)
                 if cell.revision >= 0:
-                    revised.add(key)
+                    self._revised.add(key)
                 cell.count += count
                 _add_users(cell, users)
 
-    def flush(self) -> list[dict]:
-        """End of input: emit every window that has not been emitted."""
-        return self._emit(END_WATERMARK, set())
-
-    def _emit(self, watermark: int, revised: set[CellKey]) -> list[dict]:
+    def emit(self, watermark: int) -> list[dict]:
+        """The rows to emit at `watermark`: emitted cells changed since the last call (by key),
+        then the windows that ended by it (by end, then key); windows that ended by
+        `watermark - retention` are freed."""
+        revised, self._revised = self._revised, set()
         rows = [self._emit_cell(key) for key in sorted(revised)]
         pending = self.pending
         while pending and pending[0][0] <= watermark:
@@ -306,7 +308,7 @@ class WindowState:
 
     def _emit_cell(self, key: CellKey) -> dict:
         cell = self.cells[key]
-        self.log.changed.add(key)
+        self._changed.add(key)
         tenant, etype, label, start = key
         end = start + WINDOW_SIZES_MS[label]
         if cell.revision < 0:
@@ -329,8 +331,88 @@ class WindowState:
         if horizon <= self.horizon_ms:
             return
         self.horizon_ms = horizon
-        emitted, touch = self.emitted, self.log.changed.add
+        emitted, touch = self.emitted, self._changed.add
         while emitted and emitted[0][0] <= horizon:
             _, key = heapq.heappop(emitted)
             del self.cells[key]
             touch(key)
+
+
+@dataclass
+class WindowState:
+    """The windows of one shard: its table and watermark."""
+
+    retention_ms: int
+    clock: ShardClock = field(default_factory=ShardClock)
+    table: Any = field(init=False, repr=False, compare=False)
+    log: SnapshotLog = field(default_factory=_new_log, repr=False, compare=False)
+
+    state_kind: ClassVar[str] = "window_cells"
+
+    def __post_init__(self) -> None:
+        self.table = _new_table(self.retention_ms)
+
+    @property
+    def horizon_ms(self) -> int:
+        return self.table.horizon_ms
+
+    @property
+    def dropped_events(self) -> int:
+        return self.table.dropped_events
+
+    def state_size(self) -> int:
+        """Cells held: windows not emitted yet and emitted ones kept for late corrections."""
+        return len(self.table)
+
+    def users_held(self) -> int:
+        return self.table.users_held()
+
+    def __getstate__(self) -> dict:
+        # Snapshots happen every epoch: the cells are sealed into chunks (see `SnapshotLog`), of
+        # which only the one with the cells changed since the last snapshot is pickled anew. The
+        # heaps follow from the cells (emitted or not).
+        self.log.changed.update(self.table.take_changed())
+        return {
+            "retention_ms": self.retention_ms,
+            "clock": self.clock,
+            "horizon_ms": self.table.horizon_ms,
+            "dropped_events": self.table.dropped_events,
+            "chunks": self.log.seal(self.table),
+        }
+
+    def __setstate__(self, state: dict) -> None:
+        self.log = _new_log()
+        if "cells" in state:  # written before the columnar form: the attributes as such
+            # (their cells were pickled before cells had `packed` and `added`)
+            cells = {key: (c.count, c.users, c.revision) for key, c in state["cells"].items()}
+            self.log.changed.update(cells)
+        else:
+            # A deleted cell can have an earlier version in an older chunk; deletion comes with
+            # expiry, so that version has expired too.
+            horizon = state["horizon_ms"]
+            cells = self.log.restore(
+                state, lambda key, _: key[3] + WINDOW_SIZES_MS[key[2]] > horizon
+            )
+        self.retention_ms = state["retention_ms"]
+        self.clock = state["clock"]
+        self.table = _new_table(self.retention_ms)
+        self.table.load([(key, *cell) for key, cell in cells.items()])
+        self.table.horizon_ms = state["horizon_ms"]
+        self.table.dropped_events = state["dropped_events"]
+
+    def apply(self, partition: str, watermark_ms: int, partials: Any) -> list[dict]:
+        """Merge one batch's window input, advance the watermark, return the rows to emit."""
+        return self.apply_all([(partition, watermark_ms, partials)])
+
+    def apply_all(self, inputs: list[tuple[str, int, Any]]) -> list[dict]:
+        """Like `apply` for several batches at once: every watermark is taken in before anything
+        closes, so a partition that is behind holds windows back even within one delivery."""
+        for partition, watermark_ms, partials in inputs:
+            if partials is not None:
+                self.table.absorb(partials)
+            self.clock.update(partition, watermark_ms)
+        return self.table.emit(self.clock.watermark_ms)
+
+    def flush(self) -> list[dict]:
+        """End of input: emit every window that has not been emitted."""
+        return self.table.emit(END_WATERMARK)

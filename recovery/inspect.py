@@ -57,19 +57,21 @@ def summarize(value: object) -> Any:
             "dropped_events": value.dropped_events,
         }
         if kind == "WindowState":
-            emitted = sum(1 for c in value.cells.values() if c.revision >= 0)
+            cells = value.table.entries()  # (key, count, users, revision)
+            emitted = sum(1 for *_, revision in cells if revision >= 0)
             out |= {
-                "cells": len(value.cells),
-                "not_emitted": len(value.cells) - emitted,
+                "cells": len(cells),
+                "not_emitted": len(cells) - emitted,
                 "kept_for_late": emitted,
-                "events": sum(c.count for c in value.cells.values()),
+                "events": sum(count for _, count, _, _ in cells),
             }
         else:
-            segments = [s for group in value.sessions.values() for s in group]
+            # (tenant, user_id, start, end, count, revision, dirty) per session
+            segments = [s for _, group in value.table.groups() for s in group]
             out |= {
-                "session_ids": len(value.sessions),
-                "open": sum(1 for s in segments if s.revision < 0),
-                "events": sum(s.count for s in segments),
+                "session_ids": len(value.table),
+                "open": sum(1 for s in segments if s[5] < 0),
+                "events": sum(s[4] for s in segments),
             }
         return out
     if isinstance(value, dict):

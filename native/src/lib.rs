@@ -1,7 +1,8 @@
 //! Compiled hot paths of the pipeline, each with a Python specification it is tested against:
 //! contract validation (`operators/validate.py`, here), the Kafka sink's JSON values
-//! (`connectors/kafka.py`, in `encode`), the session table (`operators/sessions.py`, in
-//! `sessions`) and enrichment's distinct values (`operators/enrich.py`, in `dictionary`).
+//! (`connectors/kafka.py`, in `encode`), the session and window tables (`operators/sessions.py`
+//! and `operators/windows.py`, in `sessions` and `windows`) and enrichment's distinct values
+//! (`operators/enrich.py`, in `dictionary`).
 //!
 //! `ContractDecoder.decode` takes a batch of raw record values and returns the rows of the records
 //! it accepts as Arrow-layout column buffers, plus the indices of the records it defers. It accepts
@@ -27,6 +28,8 @@ mod json;
 mod producer;
 mod rdkafka;
 mod sessions;
+mod shard_events;
+mod windows;
 use columns::{Column, SAMPLE_ROWS};
 use json::{dump, members_of, object_members, Members, Raw};
 
@@ -687,5 +690,8 @@ fn pipeline_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<sessions::SessionEvents>()?;
     m.add_class::<sessions::SessionTable>()?;
     m.add_function(wrap_pyfunction!(sessions::session_events, m)?)?;
+    m.add_class::<windows::WindowEvents>()?;
+    m.add_class::<windows::WindowTable>()?;
+    m.add_function(wrap_pyfunction!(windows::window_events, m)?)?;
     Ok(())
 }

@@ -16,102 +16,14 @@ use pyo3::types::{PyBytes, PyDict, PyTuple};
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::columns::Column;
-use crate::encode::{buffer, write_iso_millis, ColumnSpec, TextColumn};
-
-/// Text values in one buffer; value `i` is `data[ends[i - 1]..ends[i]]`, None where not valid.
-/// Written as the data, then each value's length as a little-endian i32 (-1: None): the layout
-/// of `SessionEvents` pickles and of packed snapshot chunks (`_unpack_texts` in
-/// `operators/sessions.py`).
-#[derive(Default, Clone)]
-struct Texts {
-    data: String,
-    ends: Vec<usize>,
-    valid: Vec<bool>,
-}
-
-impl Texts {
-    fn push(&mut self, value: Option<&str>) {
-        if let Some(value) = value {
-            self.data.push_str(value);
-        }
-        self.ends.push(self.data.len());
-        self.valid.push(value.is_some());
-    }
-
-    fn get(&self, i: usize) -> Option<&str> {
-        let start = if i == 0 { 0 } else { self.ends[i - 1] };
-        self.valid[i].then(|| &self.data[start..self.ends[i]])
-    }
-
-    /// Each value's length as a little-endian i32, -1 for None.
-    fn lengths(&self) -> Vec<u8> {
-        let mut lengths = Vec::with_capacity(self.ends.len() * 4);
-        let mut start = 0;
-        for (&end, &valid) in self.ends.iter().zip(&self.valid) {
-            let length = if valid { (end - start) as i32 } else { -1 };
-            lengths.extend_from_slice(&length.to_le_bytes());
-            start = end;
-        }
-        lengths
-    }
-
-    fn write(&self, out: &mut Vec<u8>) {
-        put(out, self.data.len() as u64);
-        out.extend_from_slice(self.data.as_bytes());
-        out.extend_from_slice(&self.lengths());
-    }
-
-    fn read(input: &mut &[u8], n: usize) -> PyResult<Texts> {
-        let size = take(input)? as usize;
-        let data = String::from_utf8(bytes(input, size)?.to_vec())
-            .map_err(|_| PyValueError::new_err("session events: text is not UTF-8"))?;
-        let mut texts = Texts {
-            data,
-            ends: Vec::with_capacity(n),
-            valid: Vec::with_capacity(n),
-        };
-        let mut end = 0;
-        for length in bytes(input, n.saturating_mul(4))?.chunks_exact(4) {
-            let length = i32::from_le_bytes(length.try_into().unwrap());
-            let valid = length >= 0;
-            end += length.max(0) as usize;
-            if length < -1 || end > size || !texts.data.is_char_boundary(end) {
-                return Err(PyValueError::new_err("session events: bad text lengths"));
-            }
-            texts.ends.push(end);
-            texts.valid.push(valid);
-        }
-        Ok(texts)
-    }
-}
-
-fn put(out: &mut Vec<u8>, value: u64) {
-    out.extend_from_slice(&value.to_le_bytes());
-}
-
-fn bytes<'a>(input: &mut &'a [u8], n: usize) -> PyResult<&'a [u8]> {
-    if input.len() < n {
-        return Err(PyValueError::new_err("session events: truncated"));
-    }
-    let (head, rest) = input.split_at(n);
-    *input = rest;
-    Ok(head)
-}
-
-fn take(input: &mut &[u8]) -> PyResult<u64> {
-    Ok(u64::from_le_bytes(bytes(input, 8)?.try_into().unwrap()))
-}
+use crate::encode::{write_iso_millis, ColumnSpec};
+use crate::shard_events::{split, ShardEvents, Texts};
 
 /// The events of one batch for one shard, in batch order: session id, tenant, user id (may be
 /// None) and event time in epoch milliseconds. Pickles as bytes (it crosses processes).
 #[pyclass(module = "pipeline_native")]
 #[derive(Default, Clone)]
-pub struct SessionEvents {
-    session_ids: Texts,
-    tenants: Texts,
-    user_ids: Texts,
-    times: Vec<i64>,
-}
+pub struct SessionEvents(ShardEvents);
 
 #[pymethods]
 impl SessionEvents {
@@ -121,35 +33,15 @@ impl SessionEvents {
     }
 
     fn __len__(&self) -> usize {
-        self.times.len()
+        self.0.times.len()
     }
 
     fn __getstate__<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
-        let mut out = Vec::new();
-        put(&mut out, self.times.len() as u64);
-        for time in &self.times {
-            out.extend_from_slice(&time.to_le_bytes());
-        }
-        for texts in [&self.session_ids, &self.tenants, &self.user_ids] {
-            texts.write(&mut out);
-        }
-        PyBytes::new(py, &out)
+        PyBytes::new(py, &self.0.to_bytes())
     }
 
     fn __setstate__(&mut self, state: &[u8]) -> PyResult<()> {
-        let mut input = state;
-        let n = take(&mut input)? as usize;
-        let times = bytes(&mut input, n.saturating_mul(8))?;
-        self.times = times
-            .chunks_exact(8)
-            .map(|t| i64::from_le_bytes(t.try_into().unwrap()))
-            .collect();
-        self.session_ids = Texts::read(&mut input, n)?;
-        self.tenants = Texts::read(&mut input, n)?;
-        self.user_ids = Texts::read(&mut input, n)?;
-        if !input.is_empty() {
-            return Err(PyValueError::new_err("session events: trailing bytes"));
-        }
+        self.0 = ShardEvents::from_bytes(state)?;
         Ok(())
     }
 }
@@ -162,57 +54,17 @@ pub fn session_events(
     columns: Vec<ColumnSpec>,
     shards: u32,
 ) -> PyResult<Vec<(u32, SessionEvents)>> {
-    if shards == 0 {
-        return Err(PyValueError::new_err("shards must be at least 1"));
-    }
-    let expected = [
-        ("session_id", "string_view"),
-        ("tenant", "string_view"),
-        ("user_id", "string_view"),
-        ("timestamp", "int64"),
-    ];
-    let names: Vec<(&str, &str)> = columns
-        .iter()
-        .map(|c| (c.0.as_str(), c.1.as_str()))
-        .collect();
-    if names != expected {
-        return Err(PyValueError::new_err(format!(
-            "session events: columns {names:?}, expected {expected:?}"
-        )));
-    }
-    let mut columns = columns.into_iter();
-    let session_ids = TextColumn::new(length, columns.next().unwrap())?;
-    let tenants = TextColumn::new(length, columns.next().unwrap())?;
-    let user_ids = TextColumn::new(length, columns.next().unwrap())?;
-    let (_, _, time_offset, time_buffers) = columns.next().unwrap();
-    if time_buffers
-        .first()
-        .is_some_and(|validity| validity.is_some())
-    {
-        return Err(PyValueError::new_err("event times must not be null"));
-    }
-    let time_data = buffer(
-        *time_buffers.get(1).unwrap_or(&None),
-        (time_offset + length) * 8,
-        "timestamp",
+    let expected = ["session_id", "tenant", "user_id"];
+    let by_shard = split(
+        length,
+        columns,
+        expected,
+        shards,
+        |[session_id, ..], key| Ok(session_id.map(|id| key.update(id.as_bytes())).is_some()),
     )?;
-    let mut by_shard: Vec<SessionEvents> = vec![SessionEvents::default(); shards as usize];
-    for row in 0..length {
-        let Some(session_id) = session_ids.get_str(row)? else {
-            continue;
-        };
-        let events = &mut by_shard[(crc32fast::hash(session_id.as_bytes()) % shards) as usize];
-        let i = time_offset + row;
-        events.session_ids.push(Some(session_id));
-        events.tenants.push(tenants.get_str(row)?);
-        events.user_ids.push(user_ids.get_str(row)?);
-        events.times.push(i64::from_le_bytes(
-            time_data[i * 8..i * 8 + 8].try_into().unwrap(),
-        ));
-    }
-    Ok((0..shards)
-        .zip(by_shard)
-        .filter(|(_, events)| !events.times.is_empty())
+    Ok(by_shard
+        .into_iter()
+        .map(|(shard, events)| (shard, SessionEvents(events)))
         .collect())
 }
 
@@ -463,13 +315,14 @@ impl SessionTable {
 
     /// Fold a batch's events in; returns how many were dropped for ending by `past_retention`.
     fn absorb(&mut self, events: &SessionEvents, past_retention: i64) -> PyResult<i64> {
+        let [session_ids, tenants, user_ids] = &events.0.texts;
+        let times = &events.0.times;
         // The events of each session id, stably sorted by time, cut where the gap is exceeded.
         let mut by_session: FxHashMap<&str, Vec<usize>> = FxHashMap::default();
-        for i in 0..events.times.len() {
-            let session_id = events.session_ids.get(i).unwrap_or_default();
+        for i in 0..times.len() {
+            let session_id = session_ids.get(i).unwrap_or_default();
             by_session.entry(session_id).or_default().push(i);
         }
-        let times = &events.times;
         let mut dropped = 0;
         for (session_id, mut rows) in by_session {
             rows.sort_by_key(|&i| times[i]);
@@ -479,10 +332,10 @@ impl SessionTable {
                     continue;
                 }
                 let segment = &rows[first..k];
-                let tenant = events.tenants.get(segment[0]).ok_or_else(|| {
+                let tenant = tenants.get(segment[0]).ok_or_else(|| {
                     PyValueError::new_err(format!("session {session_id}: an event has no tenant"))
                 })?;
-                let user_id = segment.iter().find_map(|&i| events.user_ids.get(i));
+                let user_id = segment.iter().find_map(|&i| user_ids.get(i));
                 let span = (times[segment[0]], times[rows[k - 1]], segment.len() as i64);
                 self.absorb_segment(
                     session_id,

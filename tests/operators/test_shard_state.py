@@ -9,6 +9,7 @@ import polars as pl
 import pytest
 
 from operators import sessions as sessions_module
+from operators import windows as windows_module
 from operators.event_time import PartitionClock
 from operators.model import as_dicts
 from operators.sessions import Session, SessionState, session_partials
@@ -97,27 +98,31 @@ def latest_snapshot(state, snapshots):
 class OldCell:
     """Pickles as a `Cell` did before it had `packed` and `added`: those stay unset on loading."""
 
-    def __init__(self, cell: Cell):
-        self.cell = cell
+    def __init__(self, count: int, users: set[str], revision: int):
+        self.slots = {"count": count, "users": users, "revision": revision}
 
     def __reduce_ex__(self, protocol):
-        slots = {"count": self.cell.count, "users": self.cell.users, "revision": self.cell.revision}
-        return Cell.__new__, (Cell,), (None, slots)
+        return Cell.__new__, (Cell,), (None, self.slots)
+
+
+def unpacked(users: set[str] | str) -> set[str]:
+    return set(users.split("\x00")[1:-1]) if isinstance(users, str) else users
 
 
 def old_layout(state, _snapshots):
     """The state as the previous version pickled it: its attributes, users as plain sets (and
     the sessions, without a table, as objects with their deadlines)."""
     attributes = {k: v for k, v in vars(state).items() if k not in ("log", "table")}
+    attributes |= {"horizon_ms": state.horizon_ms, "dropped_events": state.dropped_events}
     if isinstance(state, SessionState):
         groups = state.table.groups()
         attributes["sessions"] = {sid: [Session(*s) for s in group] for sid, group in groups}
         attributes["deadlines"] = list(state.table.deadlines)
     if isinstance(state, WindowState):
-        for cell in attributes["cells"].values():
-            if isinstance(cell.users, str):
-                cell.users = set(cell.users.split("\x00")[1:-1])
-        attributes["cells"] = {key: OldCell(c) for key, c in attributes["cells"].items()}
+        attributes["cells"] = {
+            key: OldCell(count, unpacked(users), revision)
+            for key, count, users, revision in state.table.entries()
+        }
     restored = type(state).__new__(type(state))
     restored.__setstate__(pickle.loads(pickle.dumps(attributes)))
     return restored
@@ -127,14 +132,15 @@ def lists_layout(state, _snapshots):
     """The state as versions before the chunks pickled it: a list per column (sessions with the
     deadlines as they were)."""
     if isinstance(state, WindowState):
-        cells = state.cells.values()
+        entries = state.table.entries()
+        keys, counts, users, revisions = zip(*entries, strict=True) if entries else [()] * 4
         attributes = {
             **{k: getattr(state, k) for k in ("retention_ms", "clock", "horizon_ms")},
             "dropped_events": state.dropped_events,
-            "keys": list(state.cells),
-            "counts": [cell.count for cell in cells],
-            "users": [cell.users for cell in cells],
-            "revisions": [cell.revision for cell in cells],
+            "keys": list(keys),
+            "counts": list(counts),
+            "users": list(users),
+            "revisions": list(revisions),
         }
         restored = WindowState.__new__(WindowState)
         restored.__setstate__(pickle.loads(pickle.dumps(attributes)))
@@ -154,23 +160,23 @@ def lists_layout(state, _snapshots):
     return restored
 
 
-COMPILED = sessions_module.compiled
+COMPILED = {sessions_module: sessions_module.compiled, windows_module: windows_module.compiled}
+PYTHON_TABLES = (sessions_module.SessionTable, windows_module.WindowTable)
 
 
 def other_engine(state, snapshots):
-    """The state as its last snapshot holds it, loaded by the other session table: a process
-    with the compiled module resuming from a store written without it, or the other way round.
-    The rest of the run goes on with that table."""
-    if isinstance(state, WindowState):
-        return latest_snapshot(state, snapshots)
-    python_table = isinstance(state.table, sessions_module.SessionTable)
-    sessions_module.compiled = COMPILED if python_table else None
+    """The state as its last snapshot holds it, loaded by the other table: a process with the
+    compiled module resuming from a store written without it, or the other way round. The rest
+    of the run goes on with that table."""
+    module = windows_module if isinstance(state, WindowState) else sessions_module
+    python_table = isinstance(state.table, PYTHON_TABLES)
+    module.compiled = COMPILED[module] if python_table else None
     restored = latest_snapshot(state, snapshots)
-    assert isinstance(restored.table, sessions_module.SessionTable) != python_table
+    assert isinstance(restored.table, PYTHON_TABLES) != python_table
     return restored
 
 
-@pytest.mark.usefixtures("session_engine")
+@pytest.mark.usefixtures("table_engine")
 def test_final_windows_and_sessions_are_exact():
     batches = random_batches(seed=7)
     *steps, dropped = run(batches, retention_ms=86_400_000)
@@ -189,7 +195,7 @@ def test_final_windows_and_sessions_are_exact():
 @pytest.mark.parametrize("retention_ms", [0, 1_200_000, 86_400_000])
 @pytest.mark.parametrize("resume_at", [1, 17, 39])
 @pytest.mark.parametrize("restore", [latest_snapshot, lists_layout, old_layout])
-@pytest.mark.usefixtures("session_engine")
+@pytest.mark.usefixtures("table_engine")
 def test_a_restored_state_continues_like_an_uninterrupted_one(retention_ms, resume_at, restore):
     batches = random_batches(seed=resume_at)
     expected = run(batches, retention_ms)
@@ -202,17 +208,18 @@ def test_a_restored_state_continues_like_an_uninterrupted_one(retention_ms, resu
 
 @pytest.mark.parametrize("retention_ms", [0, 1_200_000, 86_400_000])
 @pytest.mark.parametrize("resume_at", [1, 17, 39])
-def test_a_state_resumes_in_the_other_session_table(session_engine, retention_ms, resume_at):
+@pytest.mark.usefixtures("table_engine")
+def test_a_state_resumes_in_the_other_table(retention_ms, resume_at):
     batches = random_batches(seed=resume_at)
     expected = run(batches, retention_ms)
     assert run(batches, retention_ms, resume_at, other_engine) == expected
 
 
 @pytest.mark.parametrize("seed", range(5))
-@pytest.mark.usefixtures("compiled_sessions")
-def test_the_compiled_session_table_emits_what_the_python_one_does(seed, monkeypatch):
+@pytest.mark.usefixtures("compiled_sessions", "compiled_windows")
+def test_the_compiled_tables_emit_what_the_python_ones_do(seed, monkeypatch):
     """Step by step, on streams with ties in time (which event comes first decides a session's
-    tenant and user) and several shards."""
+    tenant and user; windows that end together are emitted in key order) and several shards."""
     rng = random.Random(seed)
     batches = [
         batch.with_columns(
@@ -225,4 +232,5 @@ def test_the_compiled_session_table_emits_what_the_python_one_does(seed, monkeyp
     ]
     compiled_run = run(batches, retention_ms=1_200_000)
     monkeypatch.setattr(sessions_module, "compiled", None)
+    monkeypatch.setattr(windows_module, "compiled", None)
     assert compiled_run == run(batches, retention_ms=1_200_000)

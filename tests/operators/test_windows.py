@@ -2,8 +2,13 @@ import pickle
 from datetime import UTC, datetime
 
 import polars as pl
+import pytest
 
-from operators.windows import WindowState, window_partials
+from operators import windows
+from operators.windows import WindowState, python_window_partials, window_partials
+
+both_tables = pytest.mark.usefixtures("window_engine")
+python_table = pytest.mark.usefixtures("python_windows")
 
 T0 = 1_699_999_980  # 2023-11-14T22:13:00Z, a multiple of 60 but not of 300
 
@@ -31,6 +36,11 @@ def one_shard(frame):
     return parts.get(0)
 
 
+def chunk_users(state, key):
+    """A cell's users as a snapshot chunk holds them (both tables write the same)."""
+    return state.table.encode([key])["users"][0]
+
+
 def by_window(rows):
     return {(r["window"], r["window_start"]): r for r in rows}
 
@@ -39,20 +49,54 @@ def test_partials_count_and_distinct_users_per_minute():
     frame = events(
         [("a", "click", T0 + 1, "u1"), ("a", "click", T0 + 2, "u1"), ("a", "click", T0 + 61, None)]
     )
-    got = {start: (count, sorted(users)) for _, _, start, count, users in one_shard(frame)}
+    (partials,) = python_window_partials(frame, 1).values()
+    got = {start: (count, sorted(users)) for _, _, start, count, users in partials}
     assert got == {T0 * 1000: (2, ["u1"]), (T0 + 60) * 1000: (1, [])}
 
 
 def test_shards_split_keys_stably():
     frame = events([(f"t{i}", "click", T0, "u") for i in range(50)])
-    parts = window_partials(frame, 4)
+    parts = python_window_partials(frame, 4)
     assert sum(len(rows) for rows in parts.values()) == 50
-    again = window_partials(frame, 4)
+    again = python_window_partials(frame, 4)
     assert {k: sorted(row[0] for row in rows) for k, rows in parts.items()} == {
         k: sorted(row[0] for row in rows) for k, rows in again.items()
     }
 
 
+def test_compiled_events_go_to_the_shards_of_the_python_partials(compiled_windows):
+    """Events of each tenant and type land in the shard the Python partials put them in (a
+    recovery store's shards stay valid whichever table wrote it)."""
+    frame = events([(f"t{i}", ["click", "view"][i % 2], T0 + i, f"u{i % 7}") for i in range(200)])
+    python = {
+        shard: sorted((row[0], row[1]) for row in rows)
+        for shard, rows in python_window_partials(frame, 5).items()
+    }
+    compiled_parts = window_partials(frame, 5)
+    assert sorted(compiled_parts) == sorted(python)
+    for shard, shard_events in compiled_parts.items():
+        assert len(shard_events) == len(python[shard])
+        table = compiled_windows.WindowTable(0)
+        table.absorb(pickle.loads(pickle.dumps(shard_events)))  # as it crosses processes
+        emitted = table.emit(windows.END_WATERMARK)
+        assert sorted({(r["tenant"], r["event_type"]) for r in emitted}) == python[shard]
+
+
+@both_tables
+def test_window_tables_take_the_same_input_whatever_its_shape():
+    """Tenants and types as categoricals, user ids all null, and empty batches."""
+    frame = events([("a", "click", T0 + 1, None), ("b", "view", T0 + 2, None)]).with_columns(
+        pl.col("tenant", "type").cast(pl.Categorical)
+    )
+    state = WindowState(retention_ms=0)
+    assert window_partials(frame.clear(), 3) == {}
+    for shard_input in window_partials(frame, 1).values():
+        state.apply("p0", T0 * 1000, shard_input)
+    rows = [(r["tenant"], r["window"], r["count"], r["unique_users"]) for r in state.flush()]
+    assert sorted(rows) == [(t, w, 1, 0) for t in "ab" for w in ("1h", "1m", "5m")]
+
+
+@both_tables
 def test_window_emits_once_when_watermark_passes_its_end():
     state = WindowState(retention_ms=86_400_000)
     frame = events([("a", "click", T0 + 5, "u1"), ("a", "click", T0 + 10, "u2")])
@@ -73,6 +117,7 @@ def test_window_emits_once_when_watermark_passes_its_end():
     assert state.apply("p0", (T0 + 61) * 1000, None) == []
 
 
+@both_tables
 def test_late_event_reemits_closed_window_with_next_revision_and_total():
     state = WindowState(retention_ms=86_400_000)
     state.apply("p0", (T0 + 120) * 1000, one_shard(events([("a", "click", T0 + 5, "u1")])))
@@ -83,6 +128,7 @@ def test_late_event_reemits_closed_window_with_next_revision_and_total():
     assert [(r["window"], r["revision"]) for r in rows] == [("1m", 1), ("5m", 1)]
 
 
+@both_tables
 def test_watermark_is_the_lowest_partition():
     state = WindowState(retention_ms=0)
     frame = one_shard(events([("a", "click", T0 + 5, "u1")]))
@@ -93,29 +139,32 @@ def test_watermark_is_the_lowest_partition():
     assert len(state2.apply("p1", (T0 + 60) * 1000, None)) == 1
 
 
+@both_tables
 def test_windows_past_retention_are_freed_and_never_reemitted_as_new():
     state = WindowState(retention_ms=60_000)
     frame = one_shard(events([("a", "click", T0 + 5, "u1")]))
     state.apply("p0", (T0 + 4 * 3600) * 1000, frame)
-    assert state.cells == {}
+    assert state.state_size() == 0
     assert state.apply("p0", (T0 + 4 * 3600) * 1000, frame) == []
     assert state.dropped_events == 3  # one event, counted once per window size
 
 
+@both_tables
 def test_flush_emits_everything_open():
     state = WindowState(retention_ms=0)
     state.apply("p0", T0 * 1000, one_shard(events([("a", "click", T0 + 5, "u1")])))
     assert sorted(r["window"] for r in state.flush()) == ["1h", "1m", "5m"]
 
 
+@both_tables
 def test_emitted_cells_keep_users_packed_and_late_users_count_once():
     state = WindowState(retention_ms=86_400_000)
     first = events(
         [("a", "click", T0 + 5, "u1"), ("a", "click", T0 + 6, ""), ("a", "click", T0 + 7, None)]
     )
     state.apply("p0", (T0 + 60) * 1000, one_shard(first))
-    cell = state.cells[("a", "click", "1m", T0 * 1000)]
-    assert sorted(cell.users.split("\x00")) == ["", "", "", "u1"]  # one string, not a set
+    key = ("a", "click", "1m", T0 * 1000)
+    assert sorted(chunk_users(state, key).split("\x00")) == ["", "", "", "u1"]  # one string
     late = events(
         [("a", "click", T0 + 8, "u1"), ("a", "click", T0 + 9, "u2"), ("a", "click", T0 + 9, "")]
     )
@@ -125,9 +174,10 @@ def test_emitted_cells_keep_users_packed_and_late_users_count_once():
     assert (row["count"], row["unique_users"], row["revision"]) == (6, 3, 1)
     odd = events([("a", "click", T0 + 10, "x\x00y")])  # holds the separator: back to a set
     (row,) = [r for r in state.apply("p0", (T0 + 60) * 1000, one_shard(odd)) if r["window"] == "1m"]
-    assert (row["unique_users"], cell.users) == (4, {"u1", "", "u2", "x\x00y"})
+    assert (row["unique_users"], chunk_users(state, key)) == (4, {"u1", "", "u2", "x\x00y"})
 
 
+@both_tables
 def test_a_burst_of_late_users_into_a_closed_window_counts_each_once():
     """More users than are searched for one by one: added through one set, same result."""
     state = WindowState(retention_ms=86_400_000)
@@ -142,11 +192,12 @@ def test_a_burst_of_late_users_into_a_closed_window_counts_each_once():
         if r["window"] == "1m"
     ]
     assert (row["count"], row["unique_users"], row["revision"]) == (701, 400, 1)
-    users = state.cells[("a", "click", "1m", T0 * 1000)].users
+    users = chunk_users(state, ("a", "click", "1m", T0 * 1000))
     assert isinstance(users, str)
     assert sorted(users.split("\x00")[1:-1]) == sorted(f"u{i}" for i in range(400))
 
 
+@python_table
 def test_an_open_cell_snapshots_its_users_by_extending_the_text_packed_before():
     key = ("a", "click", "1h", (T0 - T0 % 3600) * 1000)
     state = WindowState(retention_ms=86_400_000)
@@ -155,18 +206,18 @@ def test_an_open_cell_snapshots_its_users_by_extending_the_text_packed_before():
         state.apply("p0", T0 * 1000, one_shard(events([("a", "click", T0, u) for u in users])))
 
     def restored_users():
-        return pickle.loads(pickle.dumps(state)).cells[key].users
+        return pickle.loads(pickle.dumps(state)).table.cells[key].users
 
     add("u1", "")
     assert restored_users() == {"u1", ""}
-    packed = state.cells[key].packed
+    packed = state.table.cells[key].packed
     add("u2", "u1")  # u1 is no news
-    assert state.cells[key].added == ["u2"]
+    assert state.table.cells[key].added == ["u2"]
     assert restored_users() == {"u1", "", "u2"}
-    assert state.cells[key].packed == packed + "u2\x00"  # extended, not packed anew
+    assert state.table.cells[key].packed == packed + "u2\x00"  # extended, not packed anew
     add("x\x00y")  # holds the separator: the snapshot pickles the set from now on
     assert restored_users() == {"u1", "", "u2", "x\x00y"}
-    assert state.cells[key].packed is None
+    assert state.table.cells[key].packed is None
     add("u3")
     assert restored_users() == {"u1", "", "u2", "x\x00y", "u3"}
     (row,) = [r for r in state.flush() if r["window"] == "1h"]

@@ -188,6 +188,10 @@ def test_inspect_a_finished_file_run(finished_store, events_file, capsys):
     assert windows["keys"] == Settings().pipeline_state_shards
     for entry in windows["at_resume"].values():
         assert entry["value"]["not_emitted"] == 0  # end of input emitted every window
+    sessions = info["steps"]["event_pipeline.sessions.shard"]
+    assert sessions["keys"] == Settings().pipeline_state_shards
+    for entry in sessions["at_resume"].values():
+        assert entry["value"]["open"] == 0  # end of input closed every session
     clock = info["steps"]["event_pipeline.event_time.partition_clock"]["at_resume"]
     assert clock[events_file.name]["value"]["partition"] == events_file.name
 
