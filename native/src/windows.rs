@@ -109,6 +109,23 @@ struct Cell {
     count: i64,
     users: FxHashSet<u32>, // numbers of the table's `users`
     revision: i64,         // -1: not emitted yet
+    // An open cell's users as its last snapshot packed them, and those added since: the next
+    // snapshot extends the text instead of packing an hour of users anew (see `encode`).
+    packed: Option<String>,
+    added: Vec<u32>,
+}
+
+impl Cell {
+    fn new(count: i64, users: FxHashSet<u32>, revision: i64, packed: Option<String>) -> Cell {
+        let added = Vec::new();
+        Cell {
+            count,
+            users,
+            revision,
+            packed,
+            added,
+        }
+    }
 }
 
 /// Tenants and event types by number; a shard sees a few, kept for its life.
@@ -231,6 +248,7 @@ impl WindowTable {
             self.emitted.push(Reverse((end, key)));
         }
         cell.revision += 1;
+        (cell.packed, cell.added) = (None, Vec::new()); // rarely snapshotted again
         let (count, unique, revision) = (cell.count, cell.users.len(), cell.revision);
         let (tenant, etype, label, start) = self.order(&key);
         let row = PyDict::new(py);
@@ -263,23 +281,32 @@ impl WindowTable {
             self.changed.insert(key);
         }
     }
+}
 
-    /// A cell's users as a snapshot chunk holds them: packed text (each id after a separator,
-    /// and one more at the end), or a set when an id contains the separator.
-    fn packed_users<'py>(&self, py: Python<'py>, cell: &Cell) -> PyResult<Bound<'py, PyAny>> {
-        let names = cell.users.iter().map(|&user| self.users.name(user));
-        let mut packed = String::with_capacity(1 + cell.users.len() * 12);
-        packed.push(SEPARATOR);
-        for name in names.clone() {
-            packed.push_str(name);
-            packed.push(SEPARATOR);
-        }
-        let separators = packed.bytes().filter(|&b| b == SEPARATOR as u8).count();
-        if separators != cell.users.len() + 1 {
-            return Ok(PySet::new(py, names)?.into_any()); // an id holds the separator
-        }
-        Ok(PyString::new(py, &packed).into_any())
+/// A cell's users as a snapshot chunk holds them: packed text (each id after a separator, and one
+/// more at the end), or a set when an id contains the separator.
+fn users_object<'py>(py: Python<'py>, users: &Users, cell: &Cell) -> PyResult<Bound<'py, PyAny>> {
+    let mut packed = String::with_capacity(1 + cell.users.len() * 12);
+    packed.push(SEPARATOR);
+    if pack(users, cell.users.iter().copied(), &mut packed) {
+        return Ok(PyString::new(py, &packed).into_any());
     }
+    let names = cell.users.iter().map(|&user| users.name(user));
+    Ok(PySet::new(py, names)?.into_any())
+}
+
+/// Append the names of `ids` to `packed`, each followed by the separator; false if a name holds
+/// the separator (the text is then of no use).
+fn pack(users: &Users, ids: impl Iterator<Item = u32>, packed: &mut String) -> bool {
+    for id in ids {
+        let name = users.name(id);
+        if name.as_bytes().contains(&(SEPARATOR as u8)) {
+            return false;
+        }
+        packed.push_str(name);
+        packed.push(SEPARATOR);
+    }
+    true
 }
 
 /// `ms` as ISO text with milliseconds, as every output writes times.
@@ -337,6 +364,9 @@ impl WindowTable {
                     if let Some(user) = user {
                         if cell.users.insert(user) {
                             self.users.hold(user);
+                            if cell.packed.is_some() {
+                                cell.added.push(user);
+                            }
                         }
                     }
                 } else if start + length <= self.horizon_ms {
@@ -347,12 +377,7 @@ impl WindowTable {
                         users.insert(user);
                         self.users.hold(user);
                     }
-                    let cell = Cell {
-                        count: 1,
-                        users,
-                        revision: -1,
-                    };
-                    self.cells.insert(key, cell);
+                    self.cells.insert(key, Cell::new(1, users, -1, None));
                     self.changed.insert(key);
                     self.pending.push(Reverse((start + length, key)));
                 }
@@ -412,7 +437,7 @@ impl WindowTable {
     fn entries<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let entries = PyList::empty(py);
         for (key, cell) in &self.cells {
-            let users = self.packed_users(py, cell)?;
+            let users = users_object(py, &self.users, cell)?;
             entries.append((self.order(key), cell.count, users, cell.revision))?;
         }
         Ok(entries)
@@ -425,21 +450,37 @@ impl WindowTable {
     }
 
     /// The cells of `keys` as a snapshot chunk: `keys`, then `counts`, `users` (see
-    /// `packed_users`) and `revisions`, a list each.
+    /// `users_object`) and `revisions`, a list each.
     fn encode<'py>(
-        &self,
+        &mut self,
         py: Python<'py>,
         keys: Bound<'py, PyList>,
     ) -> PyResult<Bound<'py, PyDict>> {
         let (counts, users, revisions) = (PyList::empty(py), PyList::empty(py), PyList::empty(py));
         for item in keys.iter() {
-            let key: KeyTuple = item.extract()?;
-            let cell = self
-                .key_of(&key)
-                .and_then(|key| self.cells.get(&key))
-                .ok_or_else(|| PyValueError::new_err(format!("no window cell {key:?}")))?;
+            let key_tuple: KeyTuple = item.extract()?;
+            let key = self.key_of(&key_tuple);
+            let cell = key
+                .and_then(|key| self.cells.get_mut(&key))
+                .ok_or_else(|| PyValueError::new_err(format!("no window cell {key_tuple:?}")))?;
+            if cell.revision < 0 {
+                let packable = match cell.packed.as_mut() {
+                    Some(packed) => pack(&self.users, cell.added.iter().copied(), packed),
+                    None => {
+                        let packed = cell.packed.insert(String::from(SEPARATOR));
+                        pack(&self.users, cell.users.iter().copied(), packed)
+                    }
+                };
+                cell.added.clear();
+                if !packable {
+                    cell.packed = None; // an id holds the separator: a set from now on
+                }
+            }
             counts.append(cell.count)?;
-            users.append(self.packed_users(py, cell)?)?;
+            match &cell.packed {
+                Some(packed) => users.append(PyString::new(py, packed))?,
+                None => users.append(users_object(py, &self.users, cell)?)?,
+            }
             revisions.append(cell.revision)?;
         }
         let chunk = PyDict::new(py);
@@ -473,8 +514,12 @@ impl WindowTable {
                     self.users.hold(id);
                 }
             };
+            let mut kept = None;
             if let Ok(packed) = users.downcast::<PyString>() {
                 let packed = packed.to_str()?;
+                if revision < 0 {
+                    kept = Some(packed.to_owned()); // the next snapshot extends it
+                }
                 let inner = packed
                     .strip_prefix(SEPARATOR)
                     .and_then(|rest| rest.strip_suffix(SEPARATOR));
@@ -492,12 +537,8 @@ impl WindowTable {
                 &mut self.emitted
             };
             heap.push(Reverse((key.end(), key)));
-            let cell = Cell {
-                count,
-                users: ids,
-                revision,
-            };
-            self.cells.insert(key, cell);
+            self.cells
+                .insert(key, Cell::new(count, ids, revision, kept));
         }
         Ok(())
     }
