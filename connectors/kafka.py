@@ -269,14 +269,13 @@ class _KafkaPartition(StatefulSourcePartition[Any, int]):
                 self._report_lag()
             return []
         lag = self._report_lag()
-        if (
-            poll.records
-            and self._reader is not None
-            and not self._ended
-            and lag >= self._batch_size
-        ):
-            # A full poll or more behind: catching up, so read the next poll while the flow runs
-            # on this one. Live, polls are small and reading ahead would only add hand-offs.
+        # Read the next poll while the flow runs on this one when catching up: a full poll or more
+        # behind, or a full poll read with more to come (the last part of a backlog); and before
+        # the first records, which a start (a resume, a backlog) usually has waiting. Live, polls
+        # are small and reading ahead would only add hand-offs.
+        catching_up = lag >= self._batch_size or (lag and len(poll.records) >= self._batch_size)
+        first_fetch = not poll.records and not self._announced
+        if self._reader is not None and not self._ended and (first_fetch or catching_up):
             self._ahead = _read_ahead_thread().submit(self._poll)
         self._announced = True
         if poll.prepared is None:

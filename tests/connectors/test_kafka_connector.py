@@ -500,15 +500,16 @@ def test_a_poll_read_ahead_is_prepared_on_its_thread_and_never_in_a_snapshot(set
     topic = f"{unique}.raw"
     kafka.ensure_topics(settings, [topic], partitions=1)
     producer = Producer({"bootstrap.servers": settings.kafka_bootstrap_servers})
-    values = [b'{"n":%d}' % i for i in range(300)]
+    values = [b'{"n":%d}' % i for i in range(350)]
     for value in values:
         producer.produce(topic, value)
     producer.flush(10)
     small_batches = settings.model_copy(update={"pipeline_batch_size": 100})
-    prepared_on = set()
+    prepared_on = []  # the thread of each poll with records, in order
 
     def prepare(batch):
-        prepared_on.add(threading.current_thread().name.rsplit("_", 1)[0])
+        if batch.records:
+            prepared_on.append(threading.current_thread().name.rsplit("_", 1)[0])
         return [record.value for record in batch.records]
 
     def read(resume_offset: int | None, batches: int | None = None):
@@ -531,24 +532,49 @@ def test_a_poll_read_ahead_is_prepared_on_its_thread_and_never_in_a_snapshot(set
     # a snapshot holds what was handed over, not what was read ahead: a resume reads that again
     assert part.snapshot() == len(first)
     part.close()
+    prepared_on.clear()
     resumed, rest = read(len(first))
     resumed.close()
     assert first + rest == values
-    # the first poll of a partition is read and prepared where it is asked for; the next ones ahead
-    assert prepared_on == {kafka.READ_AHEAD_THREAD, threading.current_thread().name}
+    # after the first, every poll of a backlog is read and prepared ahead, the last one included
+    # (a full poll read with less than a poll to come)
+    assert prepared_on[1:] == [kafka.READ_AHEAD_THREAD] * (len(prepared_on) - 1)
+    assert len(prepared_on) >= 3  # 250 records: 100, 100 (less than a poll to come), 50
     # named for the kernel too, where `dataflows.priorities` and `top -H` see threads
     assert kafka.READ_AHEAD_THREAD in priorities.thread_names().values()
 
-    # less than a full poll behind (live): each poll is read where it is asked for
+    # less than a full poll behind (live): once records came, each poll is read where it is asked
+    # for (only the poll after an empty first one may have been read ahead)
+    prepared_on.clear()
     live = kafka.KafkaBatchSource(settings, stop_at_end=False, prepare=prepare)
     part = live.build_part("read", f"{topic}/0", len(first))
     read_in_place = []
     deadline = time.monotonic() + 20
     while len(read_in_place) < len(rest) and time.monotonic() < deadline:
         read_in_place += [value for batch in part.next_batch() for value in batch]
-        assert part._ahead is None
+        if read_in_place:
+            assert part._ahead is None
     part.close()
     assert read_in_place == rest
+    assert set(prepared_on[1:]) <= {threading.current_thread().name}
+
+
+@pytest.mark.servers
+def test_a_partition_with_nothing_fetched_yet_reads_its_first_records_ahead(settings, unique):
+    """A start is usually behind: until the first records arrive, the next poll is read ahead."""
+    pytest.importorskip("pipeline_native")
+    topic = f"{unique}.raw"
+    kafka.ensure_topics(settings, [topic], partitions=1)
+    source = kafka.KafkaBatchSource(settings, stop_at_end=False, prepare=lambda batch: batch)
+    part = source.build_part("read", f"{topic}/0", None)
+    try:
+        (announced,) = part.next_batch()  # the partition is announced, with nothing in it
+        assert len(announced.records) == 0
+        assert part._ahead is not None
+        assert part.next_batch() == []  # that poll found nothing either: idle, nothing ahead
+        assert part._ahead is None
+    finally:
+        part.close()
 
 
 def test_a_record_the_producer_refuses_raises_a_kafka_error():
