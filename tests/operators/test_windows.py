@@ -2,6 +2,7 @@ import pickle
 from datetime import UTC, datetime
 
 import polars as pl
+import pyarrow as pa
 import pytest
 
 from operators import windows
@@ -222,3 +223,17 @@ def test_an_open_cell_snapshots_its_users_by_extending_the_text_packed_before():
     assert restored_users() == {"u1", "", "u2", "x\x00y", "u3"}
     (row,) = [r for r in state.flush() if r["window"] == "1h"]
     assert row["unique_users"] == 5
+
+
+def test_compiled_events_refuse_text_that_is_not_utf8(compiled_windows):
+    """Arrow text is UTF-8; what is not (bytes handed over as text) is refused, not misread."""
+    text = pa.array(["acme", "acme"], type=pa.string_view())
+    not_utf8 = pa.array([b"\xffclick", b"click"], type=pa.binary_view()).view(pa.string_view())
+    times = pa.array([T0 * 1000, T0 * 1000], type=pa.int64())
+    named = {"tenant": text, "type": not_utf8, "user_id": text, "timestamp": times}
+    columns = [
+        (name, str(a.type), a.offset, [None if b is None else (b.address, b.size) for b in a.buffers()])
+        for name, a in named.items()
+    ]
+    with pytest.raises(ValueError, match="text is not UTF-8"):
+        compiled_windows.window_events(2, columns, 2)
