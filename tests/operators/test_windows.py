@@ -232,7 +232,12 @@ def test_compiled_events_refuse_text_that_is_not_utf8(compiled_windows):
     times = pa.array([T0 * 1000, T0 * 1000], type=pa.int64())
     named = {"tenant": text, "type": not_utf8, "user_id": text, "timestamp": times}
     columns = [
-        (name, str(a.type), a.offset, [None if b is None else (b.address, b.size) for b in a.buffers()])
+        (
+            name,
+            str(a.type),
+            a.offset,
+            [None if b is None else (b.address, b.size) for b in a.buffers()],
+        )
         for name, a in named.items()
     ]
     with pytest.raises(ValueError, match="text is not UTF-8"):
