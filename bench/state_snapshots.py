@@ -1,7 +1,7 @@
 """Window and session state under live load, in-process: what a snapshot every epoch costs.
 
 `python -m bench.state_snapshots [--rate 5000] [--seconds 300] [--shards 8] [--seed 7]
-[--gap-s 1800] [--retention-s 86400]`
+[--gap-s 1800] [--retention-s 86400] [--python-windows]`
 
 Generates `rate × seconds` live events (`bench.workload`, event time moving with the clock),
 validates them and cuts them into one batch per second, as a 1 s epoch would. Each batch goes
@@ -24,6 +24,7 @@ import time
 from bench import workload
 from dataflows.config import Settings
 from dataflows.steps import GC_GENERATION0_THRESHOLD
+from operators import windows as windows_module
 from operators.event_time import PartitionClock
 from operators.model import RawBatch, RawRecord
 from operators.sessions import SessionState, session_partials
@@ -42,7 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--retention-s", type=float, default=defaults["pipeline_late_retention_s"].default
     )
+    parser.add_argument(
+        "--python-windows",
+        action="store_true",
+        help="the Python window table (the specification) instead of the compiled one",
+    )
     args = parser.parse_args(argv)
+    if args.python_windows:
+        windows_module.compiled = None
     gap_ms, retention_ms = int(args.gap_s * 1000), int(args.retention_s * 1000)
     _, older, oldest = gc.get_threshold()  # as the dataflow runs (`dataflows.steps`)
     gc.set_threshold(GC_GENERATION0_THRESHOLD, older, oldest)
