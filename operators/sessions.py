@@ -69,7 +69,7 @@ _END = 3  # of a SegmentTuple
 
 
 def session_partials(events: pl.DataFrame, gap_ms: int, shards: int) -> dict[int, Any]:
-    """A batch's session events per shard, as the shard's table takes them: `SessionEvents`
+    """A batch's session events per shard, as the shard's table takes them: `ShardEvents`
     (compiled) or segments (`python_session_partials`)."""
     if compiled is None:
         return python_session_partials(events, gap_ms, shards)

@@ -80,7 +80,7 @@ _window_iso = lru_cache(maxsize=4096)(iso_ms)
 
 def window_partials(events: pl.DataFrame, shards: int) -> dict[int, Any]:
     """A batch's window input per shard (`tenant`, `type`, `timestamp`, `user_id`), as the shard's
-    table takes it: `WindowEvents` (compiled) or partial rows (`python_window_partials`)."""
+    table takes it: `ShardEvents` (compiled) or partial rows (`python_window_partials`)."""
     if compiled is None:
         return python_window_partials(events, shards)
     columns = events.select(

@@ -687,10 +687,9 @@ fn pipeline_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(dictionary::dictionary_codes, m)?)?;
     m.add_class::<producer::RecordWriter>()?;
     m.add_class::<consumer::RecordReader>()?;
-    m.add_class::<sessions::SessionEvents>()?;
+    m.add_class::<shard_events::ShardEvents>()?;
     m.add_class::<sessions::SessionTable>()?;
     m.add_function(wrap_pyfunction!(sessions::session_events, m)?)?;
-    m.add_class::<windows::WindowEvents>()?;
     m.add_class::<windows::WindowTable>()?;
     m.add_function(wrap_pyfunction!(windows::window_events, m)?)?;
     Ok(())

@@ -2,7 +2,7 @@
 //! `operators/sessions.py` (the specification), over events handed over as columns.
 //!
 //! `session_events` splits a batch's events by shard (CRC32 of the session id, as
-//! `operators.sharding` does) into `SessionEvents`; a shard's `SessionTable` cuts them into
+//! `operators.sharding` does) into `ShardEvents`; a shard's `SessionTable` cuts them into
 //! per-session segments (a new one where two consecutive events of a session, in time order, are
 //! more than the gap apart) and folds those in exactly as the Python table does.
 
@@ -17,34 +17,7 @@ use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::columns::Column;
 use crate::encode::{write_iso_millis, ColumnSpec};
-use crate::shard_events::{split, ShardEvents, Texts};
-
-/// The events of one batch for one shard, in batch order: session id, tenant, user id (may be
-/// None) and event time in epoch milliseconds. Pickles as bytes (it crosses processes).
-#[pyclass(module = "pipeline_native")]
-#[derive(Default, Clone)]
-pub struct SessionEvents(ShardEvents);
-
-#[pymethods]
-impl SessionEvents {
-    #[new]
-    fn new() -> Self {
-        SessionEvents::default()
-    }
-
-    fn __len__(&self) -> usize {
-        self.0.times.len()
-    }
-
-    fn __getstate__<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
-        PyBytes::new(py, &self.0.to_bytes())
-    }
-
-    fn __setstate__(&mut self, state: &[u8]) -> PyResult<()> {
-        self.0 = ShardEvents::from_bytes(state)?;
-        Ok(())
-    }
-}
+use crate::shard_events::{split, Columns, ShardEvents, Texts};
 
 /// A batch's events with a session id, by shard: `length` rows of the columns session_id, tenant,
 /// user_id (string_view, as polars holds text) and timestamp (int64 epoch ms), in that order.
@@ -53,19 +26,14 @@ pub fn session_events(
     length: usize,
     columns: Vec<ColumnSpec>,
     shards: u32,
-) -> PyResult<Vec<(u32, SessionEvents)>> {
-    let expected = ["session_id", "tenant", "user_id"];
-    let by_shard = split(
+) -> PyResult<Vec<(u32, ShardEvents)>> {
+    split(
         length,
         columns,
-        expected,
+        Columns::Sessions,
         shards,
         |[session_id, ..], key| Ok(session_id.map(|id| key.update(id.as_bytes())).is_some()),
-    )?;
-    Ok(by_shard
-        .into_iter()
-        .map(|(shard, events)| (shard, SessionEvents(events)))
-        .collect())
+    )
 }
 
 /// One session (or, for a session id that came back after the gap, one of its sessions).
@@ -314,9 +282,10 @@ impl SessionTable {
     }
 
     /// Fold a batch's events in; returns how many were dropped for ending by `past_retention`.
-    fn absorb(&mut self, events: &SessionEvents, past_retention: i64) -> PyResult<i64> {
-        let [session_ids, tenants, user_ids] = &events.0.texts;
-        let times = &events.0.times;
+    fn absorb(&mut self, events: &ShardEvents, past_retention: i64) -> PyResult<i64> {
+        let events = events.of(Columns::Sessions)?;
+        let [session_ids, tenants, user_ids] = &events.texts;
+        let times = &events.times;
         // The events of each session id, stably sorted by time, cut where the gap is exceeded.
         let mut by_session: FxHashMap<&str, Vec<usize>> = FxHashMap::default();
         for i in 0..times.len() {

@@ -4,6 +4,7 @@
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
+use pyo3::types::PyBytes;
 
 use crate::encode::{buffer, ColumnSpec, TextColumn};
 
@@ -91,17 +92,59 @@ fn take(input: &mut &[u8]) -> PyResult<u64> {
     Ok(u64::from_le_bytes(bytes(input, 8)?.try_into().unwrap()))
 }
 
-/// The events of one batch for one shard, in batch order: three text columns (which ones is the
-/// caller's: see `split`) and the event time in epoch milliseconds.
+/// What the three text columns of `ShardEvents` hold: which table they are for.
+#[derive(Default, Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Columns {
+    #[default]
+    Sessions, // session_id, tenant, user_id
+    Windows, // tenant, type, user_id
+}
+
+impl Columns {
+    fn names(self) -> [&'static str; 3] {
+        match self {
+            Columns::Sessions => ["session_id", "tenant", "user_id"],
+            Columns::Windows => ["tenant", "type", "user_id"],
+        }
+    }
+}
+
+/// The events of one batch for one shard, in batch order: three text columns (`columns` says
+/// which) and the event time in epoch milliseconds. Pickles as bytes (it crosses processes).
+#[pyclass(module = "pipeline_native")]
 #[derive(Default, Clone)]
-pub(crate) struct ShardEvents {
+pub struct ShardEvents {
+    pub(crate) columns: Columns,
     pub(crate) texts: [Texts; 3],
     pub(crate) times: Vec<i64>,
 }
 
 impl ShardEvents {
-    pub(crate) fn to_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::new();
+    /// The events, if they are of `columns`.
+    pub(crate) fn of(&self, columns: Columns) -> PyResult<&ShardEvents> {
+        if self.columns != columns {
+            return Err(PyValueError::new_err(format!(
+                "shard events of {:?}, expected {columns:?}",
+                self.columns
+            )));
+        }
+        Ok(self)
+    }
+}
+
+#[pymethods]
+impl ShardEvents {
+    #[new]
+    fn new() -> Self {
+        ShardEvents::default()
+    }
+
+    fn __len__(&self) -> usize {
+        self.times.len()
+    }
+
+    fn __getstate__<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        let mut out = vec![self.columns as u8];
         put(&mut out, self.times.len() as u64);
         for time in &self.times {
             out.extend_from_slice(&time.to_le_bytes());
@@ -109,18 +152,23 @@ impl ShardEvents {
         for texts in &self.texts {
             texts.write(&mut out);
         }
-        out
+        PyBytes::new(py, &out)
     }
 
-    pub(crate) fn from_bytes(state: &[u8]) -> PyResult<ShardEvents> {
+    fn __setstate__(&mut self, state: &[u8]) -> PyResult<()> {
         let mut input = state;
+        self.columns = match bytes(&mut input, 1)? {
+            [0] => Columns::Sessions,
+            [1] => Columns::Windows,
+            _ => return Err(PyValueError::new_err("shard events: unknown columns")),
+        };
         let n = take(&mut input)? as usize;
         let times = bytes(&mut input, n.saturating_mul(8))?;
-        let times = times
+        self.times = times
             .chunks_exact(8)
             .map(|t| i64::from_le_bytes(t.try_into().unwrap()))
             .collect();
-        let texts = [
+        self.texts = [
             Texts::read(&mut input, n)?,
             Texts::read(&mut input, n)?,
             Texts::read(&mut input, n)?,
@@ -128,18 +176,18 @@ impl ShardEvents {
         if !input.is_empty() {
             return Err(PyValueError::new_err("shard events: trailing bytes"));
         }
-        Ok(ShardEvents { texts, times })
+        Ok(())
     }
 }
 
-/// Split `length` rows of three string_view columns and an int64 `timestamp` column (epoch ms),
-/// named `expected` in that order, by shard: `shard_key` gives the row's key (whose CRC32 picks
-/// the shard, as `operators.sharding` does), or None to leave the row out. Only shards with
-/// events are returned.
+/// Split `length` rows of the three string_view columns of `kind` and an int64 `timestamp` column
+/// (epoch ms), in that order, by shard: `shard_key` feeds the row's key to the hasher (its CRC32
+/// picks the shard, as `operators.sharding` does) and returns false to leave the row out. Only
+/// shards with events are returned.
 pub(crate) fn split(
     length: usize,
     columns: Vec<ColumnSpec>,
-    expected: [&str; 3],
+    kind: Columns,
     shards: u32,
     shard_key: impl Fn([Option<&str>; 3], &mut crc32fast::Hasher) -> PyResult<bool>,
 ) -> PyResult<Vec<(u32, ShardEvents)>> {
@@ -150,7 +198,8 @@ pub(crate) fn split(
         .iter()
         .map(|c| (c.0.as_str(), c.1.as_str()))
         .collect();
-    let wanted: Vec<(&str, &str)> = expected
+    let wanted: Vec<(&str, &str)> = kind
+        .names()
         .iter()
         .map(|name| (*name, "string_view"))
         .chain([("timestamp", "int64")])
@@ -178,7 +227,11 @@ pub(crate) fn split(
         (time_offset + length) * 8,
         "timestamp",
     )?;
-    let mut by_shard: Vec<ShardEvents> = vec![ShardEvents::default(); shards as usize];
+    let events = ShardEvents {
+        columns: kind,
+        ..ShardEvents::default()
+    };
+    let mut by_shard: Vec<ShardEvents> = vec![events; shards as usize];
     for row in 0..length {
         let values = [
             texts[0].get_str(row)?,

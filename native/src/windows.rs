@@ -2,7 +2,7 @@
 //! `operators/windows.py` (the specification), over events handed over as columns.
 //!
 //! `window_events` splits a batch's events by shard (CRC32 of `tenant \x1f type`, as
-//! `operators.sharding` does) into `WindowEvents`; a shard's `WindowTable` folds each event into
+//! `operators.sharding` does) into `ShardEvents`; a shard's `WindowTable` folds each event into
 //! the cell of every window size it falls in. A cell holds its distinct user ids as numbers: each
 //! user id string is held once per shard, for as long as a cell holds it, so no per-event or
 //! per-user Python object is made. Snapshot chunks are those of the Python table (user ids packed
@@ -14,11 +14,11 @@ use std::sync::Arc;
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyList, PySet, PyString};
+use pyo3::types::{PyDict, PyList, PySet, PyString};
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::encode::{write_iso_millis, ColumnSpec};
-use crate::shard_events::{split, ShardEvents};
+use crate::shard_events::{split, Columns, ShardEvents};
 
 /// Label and length of each window size (`WINDOW_SIZES_MS` in `operators/windows.py`).
 const SIZES: [(&str, i64); 3] = [("1m", 60_000), ("5m", 300_000), ("1h", 3_600_000)];
@@ -26,33 +26,7 @@ const SIZES: [(&str, i64); 3] = [("1m", 60_000), ("5m", 300_000), ("1h", 3_600_0
 const BASE_MS: i64 = 60_000;
 /// Delimits the user ids of a cell in a snapshot chunk (`_SEPARATOR` in `operators/windows.py`).
 const SEPARATOR: char = '\0';
-
-/// The events of one batch for one shard, in batch order: tenant, type, user id (may be None)
-/// and event time in epoch milliseconds. Pickles as bytes (it crosses processes).
-#[pyclass(module = "pipeline_native")]
-#[derive(Default, Clone)]
-pub struct WindowEvents(ShardEvents);
-
-#[pymethods]
-impl WindowEvents {
-    #[new]
-    fn new() -> Self {
-        WindowEvents::default()
-    }
-
-    fn __len__(&self) -> usize {
-        self.0.times.len()
-    }
-
-    fn __getstate__<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
-        PyBytes::new(py, &self.0.to_bytes())
-    }
-
-    fn __setstate__(&mut self, state: &[u8]) -> PyResult<()> {
-        self.0 = ShardEvents::from_bytes(state)?;
-        Ok(())
-    }
-}
+const NO_TENANT_OR_TYPE: &str = "window events: an event has no tenant or type";
 
 /// A batch's events by shard: `length` rows of the columns tenant, type, user_id (string_view, as
 /// polars holds text) and timestamp (int64 epoch ms), in that order.
@@ -61,29 +35,22 @@ pub fn window_events(
     length: usize,
     columns: Vec<ColumnSpec>,
     shards: u32,
-) -> PyResult<Vec<(u32, WindowEvents)>> {
-    let expected = ["tenant", "type", "user_id"];
-    let by_shard = split(
+) -> PyResult<Vec<(u32, ShardEvents)>> {
+    split(
         length,
         columns,
-        expected,
+        Columns::Windows,
         shards,
         |[tenant, etype, _], key| {
             let (Some(tenant), Some(etype)) = (tenant, etype) else {
-                return Err(PyValueError::new_err(
-                    "window events: an event has no tenant or type",
-                ));
+                return Err(PyValueError::new_err(NO_TENANT_OR_TYPE));
             };
             key.update(tenant.as_bytes());
             key.update(b"\x1f");
             key.update(etype.as_bytes());
             Ok(true)
         },
-    )?;
-    Ok(by_shard
-        .into_iter()
-        .map(|(shard, events)| (shard, WindowEvents(events)))
-        .collect())
+    )
 }
 
 /// A cell: tenant and type (as numbers of the table's `names`), the window size (an index into
@@ -336,13 +303,12 @@ impl WindowTable {
 
     /// Fold a batch's events into their cells; an event for a window that ended by the horizon
     /// is dropped (and counted) instead of opening the window again.
-    fn absorb(&mut self, events: &WindowEvents) -> PyResult<()> {
-        let [tenants, types, user_ids] = &events.0.texts;
-        for (i, &time) in events.0.times.iter().enumerate() {
+    fn absorb(&mut self, events: &ShardEvents) -> PyResult<()> {
+        let events = events.of(Columns::Windows)?;
+        let [tenants, types, user_ids] = &events.texts;
+        for (i, &time) in events.times.iter().enumerate() {
             let (Some(tenant), Some(etype)) = (tenants.get(i), types.get(i)) else {
-                return Err(PyValueError::new_err(
-                    "window events: an event has no tenant or type",
-                ));
+                return Err(PyValueError::new_err(NO_TENANT_OR_TYPE));
             };
             let (tenant, etype) = (self.names.id(tenant), self.names.id(etype));
             let user = user_ids.get(i).map(|user| self.users.id(user));

@@ -15,6 +15,7 @@ from operators.model import as_dicts
 from operators.sessions import Session, SessionState, session_partials
 from operators.windows import Cell, WindowState, window_partials
 from tests.dataflows import truth
+from tests.operators.conftest import COMPILED
 
 T0 = 1_700_000_000_000
 GAP_MS = 600_000
@@ -160,7 +161,6 @@ def lists_layout(state, _snapshots):
     return restored
 
 
-COMPILED = {sessions_module: sessions_module.compiled, windows_module: windows_module.compiled}
 PYTHON_TABLES = (sessions_module.SessionTable, windows_module.WindowTable)
 
 

@@ -6,6 +6,7 @@ import pyarrow as pa
 import pytest
 
 from operators import windows
+from operators.sessions import session_partials
 from operators.windows import WindowState, python_window_partials, window_partials
 
 both_tables = pytest.mark.usefixtures("window_engine")
@@ -242,3 +243,12 @@ def test_compiled_events_refuse_text_that_is_not_utf8(compiled_windows):
     ]
     with pytest.raises(ValueError, match="text is not UTF-8"):
         compiled_windows.window_events(2, columns, 2)
+
+
+def test_a_compiled_table_refuses_the_events_of_the_other_table(compiled_windows):
+    """Session and window events have the same shape (three text columns and the time), not the
+    same columns: each table takes only its own, also after a round trip through pickle."""
+    frame = events([("a", "click", T0, "u1")]).with_columns(pl.lit("s1").alias("session_id"))
+    (session_events,) = session_partials(frame, 60_000, 1).values()
+    with pytest.raises(ValueError, match="shard events of Sessions, expected Windows"):
+        compiled_windows.WindowTable(0).absorb(pickle.loads(pickle.dumps(session_events)))
