@@ -16,9 +16,9 @@ one is used where it is installed; snapshots are the same either way.
 `unique_users` is exact: each cell holds its distinct non-null user ids. In the Python table they
 are a set while the window is open and, once emitted, packed into one string (a few bytes per user
 instead of a set slot and a string object each); most cells of a shard are emitted ones waiting out
-the retention. Snapshot chunks hold every cell's users packed that way. An open Python cell also
-keeps the text its last snapshot packed and the users added since: each epoch's snapshot extends
-that text instead of pickling a 1 h window's users one string at a time.
+the retention. Snapshot chunks hold every cell's users packed that way. An open cell (in either
+table) also keeps the text its last snapshot packed and the users added since: each epoch's
+snapshot extends that text instead of packing a 1 h window's users anew.
 """
 
 from __future__ import annotations
