@@ -214,7 +214,7 @@ fn within_iso_years(ms: i64) -> PyResult<()> {
 }
 
 /// `ms` as `%Y-%m-%dT%H:%M:%S%.3fZ`; years 0 to 9999 only (polars writes others differently).
-pub(crate) fn write_iso_millis(ms: i64, out: &mut Vec<u8>) -> PyResult<()> {
+pub(crate) fn iso_millis(ms: i64) -> PyResult<[u8; 24]> {
     within_iso_years(ms)?;
     let days = ms.div_euclid(86_400_000);
     let in_day = ms.rem_euclid(86_400_000);
@@ -229,15 +229,15 @@ pub(crate) fn write_iso_millis(ms: i64, out: &mut Vec<u8>) -> PyResult<()> {
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
     debug_assert!((0..=9999).contains(&year));
-    let mut text = *b"\"0000-00-00T00:00:00.000Z\"";
+    let mut text = *b"0000-00-00T00:00:00.000Z";
     let fields = [
-        (1, 4, year),
-        (6, 2, month),
-        (9, 2, day),
-        (12, 2, in_day / 3_600_000),
-        (15, 2, in_day / 60_000 % 60),
-        (18, 2, in_day / 1000 % 60),
-        (21, 3, in_day % 1000),
+        (0, 4, year),
+        (5, 2, month),
+        (8, 2, day),
+        (11, 2, in_day / 3_600_000),
+        (14, 2, in_day / 60_000 % 60),
+        (17, 2, in_day / 1000 % 60),
+        (20, 3, in_day % 1000),
     ];
     for (at, width, mut value) in fields {
         for position in (at..at + width).rev() {
@@ -245,7 +245,14 @@ pub(crate) fn write_iso_millis(ms: i64, out: &mut Vec<u8>) -> PyResult<()> {
             value /= 10;
         }
     }
-    out.extend_from_slice(&text);
+    Ok(text)
+}
+
+/// `iso_millis` as a JSON string.
+pub(crate) fn write_iso_millis(ms: i64, out: &mut Vec<u8>) -> PyResult<()> {
+    let mut quoted = [b'"'; 26];
+    quoted[1..25].copy_from_slice(&iso_millis(ms)?);
+    out.extend_from_slice(&quoted);
     Ok(())
 }
 

@@ -16,7 +16,7 @@ use pyo3::types::{PyBytes, PyDict, PyTuple};
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::columns::Column;
-use crate::encode::{write_iso_millis, ColumnSpec};
+use crate::encode::{iso_millis, ColumnSpec};
 use crate::shard_events::{split, Columns, ShardEvents, Texts};
 
 /// A batch's events with a session id, by shard: `length` rows of the columns session_id, tenant,
@@ -245,15 +245,13 @@ fn session_columns<'py>(
         Column::fixed(8, n),
         Column::fixed(8, n),
     );
-    let mut quoted = Vec::with_capacity(26); // one time as JSON text, reused
     for (_, session_id, s) in closed {
         texts[0].push_text(Some(&s.tenant));
         texts[1].push_text(s.user_id.as_deref());
         texts[2].push_text(Some(session_id));
         for (column, ms) in texts[3..].iter_mut().zip([s.start, s.end]) {
-            quoted.clear();
-            write_iso_millis(ms, &mut quoted)?;
-            column.push_text_with(|data| data.extend_from_slice(&quoted[1..quoted.len() - 1]));
+            let text = iso_millis(ms)?;
+            column.push_text_with(|data| data.extend_from_slice(&text));
         }
         duration.push_value(((s.end - s.start) as f64 / 1000.0).to_le_bytes(), true);
         count.push_value(s.count.to_le_bytes(), true);

@@ -8,7 +8,7 @@
 //! per-user Python object is made. Snapshot chunks are those of the Python table (user ids packed
 //! into one string per cell), so either table resumes from the other's snapshots.
 
-use std::cmp::{Ordering, Reverse};
+use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::sync::Arc;
 
@@ -17,7 +17,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PySet, PyString};
 use rustc_hash::{FxHashMap, FxHashSet};
 
-use crate::encode::{write_iso_millis, ColumnSpec};
+use crate::encode::{iso_millis, ColumnSpec};
 use crate::shard_events::{split, Columns, ShardEvents};
 
 /// Label and length of each window size (`WINDOW_SIZES_MS` in `operators/windows.py`).
@@ -278,9 +278,7 @@ fn pack(users: &Users, ids: impl Iterator<Item = u32>, packed: &mut String) -> b
 
 /// `ms` as ISO text with milliseconds, as every output writes times.
 fn iso(ms: i64) -> PyResult<String> {
-    let mut quoted = Vec::with_capacity(26);
-    write_iso_millis(ms, &mut quoted)?;
-    Ok(String::from_utf8_lossy(&quoted[1..quoted.len() - 1]).into_owned())
+    Ok(iso_millis(ms)?.iter().map(|&b| char::from(b)).collect()) // ASCII
 }
 
 #[pymethods]
@@ -369,10 +367,7 @@ impl WindowTable {
             self.pending.pop();
             due.push((end, key));
         }
-        due.sort_by(|a, b| match a.0.cmp(&b.0) {
-            Ordering::Equal => self.order(&a.1).cmp(&self.order(&b.1)),
-            unequal => unequal,
-        });
+        due.sort_by(|a, b| (a.0, self.order(&a.1)).cmp(&(b.0, self.order(&b.1))));
         let rows = PyList::empty(py);
         for key in revised
             .into_iter()
