@@ -410,14 +410,17 @@ impl ContractDecoder {
         let width = self.columns.len();
         let mut deferred = Vec::new();
         let mut number = itoa::Buffer::new();
-        let mut members = Members::new(); // one record's, reused
+        // one record's members, cells and fields found, reused: an allocation per record each
+        let mut members = Members::new();
+        let mut cells = Vec::with_capacity(width);
+        let mut found = Vec::new();
         for (i, record) in records.enumerate() {
             let parsed = match record {
                 Some(raw) if raw.len() <= self.max_bytes => object_members(raw, &mut members),
                 _ => None,
             };
-            match parsed.and_then(|()| self.row(&members)) {
-                Some(cells) => {
+            match parsed.and_then(|()| self.row(&members, &mut cells, &mut found)) {
+                Some(()) => {
                     for ((column, kind), cell) in columns.iter_mut().zip(&kinds).zip(&cells) {
                         kind.push(column, cell);
                     }
@@ -441,8 +444,14 @@ impl ContractDecoder {
         (deferred, columns)
     }
 
-    /// The row of a record that is an object with these members, or None to defer the record.
-    fn row<'a>(&self, members: &Members<'a>) -> Option<Vec<Cell<'a>>> {
+    /// The row of a record that is an object with these members into `cells`, or None to defer
+    /// the record. `found`: scratch space of `fields`.
+    fn row<'a>(
+        &self,
+        members: &Members<'a>,
+        cells: &mut Vec<Cell<'a>>,
+        found: &mut Vec<Option<Raw<'a>>>,
+    ) -> Option<()> {
         let last = |key: &str| members.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v);
         let Some(Raw::Str(urn)) = last("schema_urn") else {
             return None;
@@ -455,8 +464,9 @@ impl ContractDecoder {
             .get(&*urn.value())?
             .iter()
             .find(|(v, _)| *v == version)?;
-        let mut cells: Vec<Cell> = (0..self.columns.len()).map(|_| Cell::Null).collect();
-        if !self.fields(members, &self.contracts[contract].fields, &mut cells) {
+        cells.clear();
+        cells.resize_with(self.columns.len(), || Cell::Null);
+        if !self.fields(members, &self.contracts[contract].fields, cells, found) {
             return None;
         }
         if cells[self.correlation_id]
@@ -466,19 +476,21 @@ impl ContractDecoder {
             let seed = cells[self.event_id].as_text()?;
             cells[self.correlation_id] = Cell::Owned(uuid5(&self.namespace, seed));
         }
-        Some(cells)
+        Some(())
     }
 
     /// Checks `specs` against an object's members as the generated Python fast path does; fills
-    /// their cells.
+    /// their cells. `found` is scratch space (cleared first).
     fn fields<'a>(
         &self,
         members: &[(Cow<'a, str>, Raw<'a>)],
         specs: &[Field],
         cells: &mut [Cell<'a>],
+        found: &mut Vec<Option<Raw<'a>>>,
     ) -> bool {
         // each spec's value: the last member of its name, as in a Python dict
-        let mut found: Vec<Option<Raw<'a>>> = vec![None; specs.len()];
+        found.clear();
+        found.resize(specs.len(), None);
         // members mostly come in the contract's order: look from after the last one found
         let mut next = 0;
         for (key, value) in members {
@@ -490,7 +502,7 @@ impl ContractDecoder {
                 next = i + 1;
             }
         }
-        for (spec, value) in specs.iter().zip(found) {
+        for (spec, &value) in specs.iter().zip(found.iter()) {
             let Some(value) = value.filter(|v| !matches!(v, Raw::Null)) else {
                 if spec.required || spec.envelope {
                     return false;
@@ -520,7 +532,12 @@ impl ContractDecoder {
                 (Kind::Obj, Raw::Obj(text)) if spec.members.is_some() => {
                     let mut inner = Members::new();
                     if members_of(text, &mut inner).is_none()
-                        || !self.fields(&inner, spec.members.as_ref().unwrap(), cells)
+                        || !self.fields(
+                            &inner,
+                            spec.members.as_ref().unwrap(),
+                            cells,
+                            &mut Vec::new(),
+                        )
                     {
                         return false;
                     }
