@@ -410,17 +410,14 @@ impl ContractDecoder {
         let width = self.columns.len();
         let mut deferred = Vec::new();
         let mut number = itoa::Buffer::new();
-        // one record's members, cells and fields found, reused: an allocation per record each
-        let mut members = Members::new();
-        let mut cells = Vec::with_capacity(width);
-        let mut found = Vec::new();
+        let mut members = Members::new(); // one record's, reused
         for (i, record) in records.enumerate() {
             let parsed = match record {
                 Some(raw) if raw.len() <= self.max_bytes => object_members(raw, &mut members),
                 _ => None,
             };
-            match parsed.and_then(|()| self.row(&members, &mut cells, &mut found)) {
-                Some(()) => {
+            match parsed.and_then(|()| self.row(&members)) {
+                Some(cells) => {
                     for ((column, kind), cell) in columns.iter_mut().zip(&kinds).zip(&cells) {
                         kind.push(column, cell);
                     }
@@ -444,14 +441,8 @@ impl ContractDecoder {
         (deferred, columns)
     }
 
-    /// The row of a record that is an object with these members into `cells`, or None to defer
-    /// the record. `found`: scratch space of `fields`.
-    fn row<'a>(
-        &self,
-        members: &Members<'a>,
-        cells: &mut Vec<Cell<'a>>,
-        found: &mut Vec<Option<Raw<'a>>>,
-    ) -> Option<()> {
+    /// The row of a record that is an object with these members, or None to defer the record.
+    fn row<'a>(&self, members: &Members<'a>) -> Option<Vec<Cell<'a>>> {
         let last = |key: &str| members.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v);
         let Some(Raw::Str(urn)) = last("schema_urn") else {
             return None;
@@ -464,9 +455,8 @@ impl ContractDecoder {
             .get(&*urn.value())?
             .iter()
             .find(|(v, _)| *v == version)?;
-        cells.clear();
-        cells.resize_with(self.columns.len(), || Cell::Null);
-        if !self.fields(members, &self.contracts[contract].fields, cells, found) {
+        let mut cells: Vec<Cell> = (0..self.columns.len()).map(|_| Cell::Null).collect();
+        if !self.fields(members, &self.contracts[contract].fields, &mut cells) {
             return None;
         }
         if cells[self.correlation_id]
@@ -476,21 +466,19 @@ impl ContractDecoder {
             let seed = cells[self.event_id].as_text()?;
             cells[self.correlation_id] = Cell::Owned(uuid5(&self.namespace, seed));
         }
-        Some(())
+        Some(cells)
     }
 
     /// Checks `specs` against an object's members as the generated Python fast path does; fills
-    /// their cells. `found` is scratch space (cleared first).
+    /// their cells.
     fn fields<'a>(
         &self,
         members: &[(Cow<'a, str>, Raw<'a>)],
         specs: &[Field],
         cells: &mut [Cell<'a>],
-        found: &mut Vec<Option<Raw<'a>>>,
     ) -> bool {
         // each spec's value: the last member of its name, as in a Python dict
-        found.clear();
-        found.resize(specs.len(), None);
+        let mut found: Vec<Option<Raw<'a>>> = vec![None; specs.len()];
         // members mostly come in the contract's order: look from after the last one found
         let mut next = 0;
         for (key, value) in members {
@@ -502,7 +490,7 @@ impl ContractDecoder {
                 next = i + 1;
             }
         }
-        for (spec, &value) in specs.iter().zip(found.iter()) {
+        for (spec, value) in specs.iter().zip(found) {
             let Some(value) = value.filter(|v| !matches!(v, Raw::Null)) else {
                 if spec.required || spec.envelope {
                     return false;
@@ -532,12 +520,7 @@ impl ContractDecoder {
                 (Kind::Obj, Raw::Obj(text)) if spec.members.is_some() => {
                     let mut inner = Members::new();
                     if members_of(text, &mut inner).is_none()
-                        || !self.fields(
-                            &inner,
-                            spec.members.as_ref().unwrap(),
-                            cells,
-                            &mut Vec::new(),
-                        )
+                        || !self.fields(&inner, spec.members.as_ref().unwrap(), cells)
                     {
                         return false;
                     }
