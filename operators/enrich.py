@@ -499,7 +499,8 @@ class Enricher:
             schema={c: ENRICHMENT_SCHEMA[c] for c in columns},
             orient="col",
         )
-        return table[codes].get_columns(), errors
+        # column by column: a frame's gather is handed to polars' thread pool and waited for
+        return [column[codes] for column in table.get_columns()], errors
 
 
 def dictionary_codes(values: pl.Series) -> tuple[pl.Series, list[str]]:

@@ -80,9 +80,14 @@ class PartitionClock:
         watermark_before = (
             seen_before.clip(lower_bound=state.max_event_ms) - self._lateness_ms
         ).clip(lower_bound=state.watermark_ms)
+        # one expression (a struct): polars hands a select of several to its thread pool
         marked = events.select(
-            (ts < watermark_before).alias("late"), advance.max().alias("max"), ahead.alias("ahead")
-        )
+            pl.struct(
+                (ts < watermark_before).alias("late"),
+                advance.max().alias("max"),
+                ahead.alias("ahead"),
+            ).alias("marked")
+        ).unnest("marked")
         self.last_ahead = int(marked["ahead"][0])
         state.max_event_ms = max(state.max_event_ms, marked["max"][0])
         state.watermark_ms = max(state.watermark_ms, state.max_event_ms - self._lateness_ms)

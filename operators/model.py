@@ -226,12 +226,15 @@ def frame_of_buffers(
 ) -> pl.DataFrame:
     """A polars frame of `rows` rows from compiled code's column buffers, typed by `schema`
     (Arrow types), without a Python object per value."""
-    return pl.from_arrow(
-        pa.Table.from_arrays(
-            [arrow_array(t, rows, c) for t, c in zip(schema.values(), columns, strict=True)],
-            names=list(schema),
-        )
-    )
+    arrays = [arrow_array(t, rows, c) for t, c in zip(schema.values(), columns, strict=True)]
+    return frame_of_arrays(list(schema), arrays)
+
+
+def frame_of_arrays(names: list[str], arrays: list[pa.Array]) -> pl.DataFrame:
+    """A polars frame of Arrow arrays, column by column: `pl.from_arrow` of a table converts its
+    columns on polars' thread pool and waits for it, and in a busy process that thread first
+    waits for a core."""
+    return pl.DataFrame([pl.Series(name, array) for name, array in zip(names, arrays, strict=True)])
 
 
 def arrow_array(arrow_type: pa.DataType, rows: int, column: BufferColumn) -> pa.Array:
@@ -254,6 +257,15 @@ def string_view_array(rows: int, column: BufferColumn, shared: pa.Buffer) -> pa.
 
 
 ArrowColumn = tuple[str, str, int, list[tuple[int, int] | None]]
+
+
+def texts_and_millis(frame: pl.DataFrame, names: tuple[str, ...]) -> pl.DataFrame:
+    """The columns `names` as text, then `timestamp` as epoch milliseconds (Int64), column by
+    column: polars hands a select of several expressions to its thread pool and waits for it,
+    and in a busy process that thread first waits for a core."""
+    texts = [frame.get_column(name) for name in names]
+    texts = [c if c.dtype == pl.String else c.cast(pl.String) for c in texts]
+    return pl.DataFrame([*texts, frame.get_column("timestamp").dt.epoch("ms")])
 
 
 def arrow_columns(

@@ -30,7 +30,7 @@ import polars as pl
 import pyarrow as pa
 
 from operators.event_time import END_WATERMARK
-from operators.model import arrow_columns, frame_of_buffers
+from operators.model import arrow_columns, frame_of_buffers, texts_and_millis
 from operators.sharding import ShardClock, rows_by_shard
 from operators.snapshot_log import SnapshotLog
 from operators.windows import iso_ms
@@ -73,10 +73,7 @@ def session_partials(events: pl.DataFrame, gap_ms: int, shards: int) -> dict[int
     (compiled) or segments (`python_session_partials`)."""
     if compiled is None:
         return python_session_partials(events, gap_ms, shards)
-    columns = events.select(
-        pl.col("session_id", "tenant", "user_id").cast(pl.String),
-        pl.col("timestamp").dt.epoch("ms"),
-    )
+    columns = texts_and_millis(events, ("session_id", "tenant", "user_id"))
     if columns.height == 0:
         return {}
     _arrays, buffers = arrow_columns(columns, string_views=True)  # alive until read

@@ -75,6 +75,7 @@ from operators.model import (
     arrow_array,
     derive_correlation_id,
     dlq_record,
+    frame_of_arrays,
     string_view_array,
 )
 
@@ -700,4 +701,4 @@ def _native_frame(
         ingested = pa.array([round(r.ingested_at * 1000) for r in chosen], pa.int64())
         source = pa.array([record.source for record in chosen], pa.large_string())
         arrays += [ingested.cast(_ARROW_TYPES["millis"]), source]
-    return pl.from_arrow(pa.Table.from_arrays(arrays, names=list(EVENT_COLUMNS)))
+    return frame_of_arrays(list(EVENT_COLUMNS), arrays)

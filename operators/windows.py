@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 import polars as pl
 
 from operators.event_time import END_WATERMARK
-from operators.model import arrow_columns
+from operators.model import arrow_columns, texts_and_millis
 from operators.sharding import ShardClock, rows_by_shard
 from operators.snapshot_log import SnapshotLog
 
@@ -83,9 +83,7 @@ def window_partials(events: pl.DataFrame, shards: int) -> dict[int, Any]:
     table takes it: `ShardEvents` (compiled) or partial rows (`python_window_partials`)."""
     if compiled is None:
         return python_window_partials(events, shards)
-    columns = events.select(
-        pl.col("tenant", "type", "user_id").cast(pl.String), pl.col("timestamp").dt.epoch("ms")
-    )
+    columns = texts_and_millis(events, ("tenant", "type", "user_id"))
     if columns.height == 0:
         return {}
     _arrays, buffers = arrow_columns(columns, string_views=True)  # alive until read
