@@ -784,14 +784,17 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{name} failed: {exc}")
             return {"error": str(exc)[:2000], "events_per_s": None}
 
+    def run_fresh(name: str, make_job) -> dict:
+        """One run of `make_job(name, prefix)` on output topics of its own."""
+        prefix = f"bench.{run_id}.{name}"
+        create_topics(brokers, [f"{prefix}.{s}" for s in STREAMS], args.partitions)
+        return run_job(make_job(name, prefix), brokers, len(lines), logs)
+
     def measure_runs(name: str, make_job) -> dict:
         runs = []
         for r in range(args.repeat):
-            prefix = f"bench.{run_id}.{name}{r}"
-            job = make_job(f"{name}{r}", prefix)
-            create_topics(brokers, [f"{prefix}.{s}" for s in STREAMS], args.partitions)
             log(f"{name} run {r + 1}/{args.repeat}")
-            result = run_job(job, brokers, len(lines), logs)
+            result = run_fresh(f"{name}{r}", make_job)
             log(f"  -> {json.dumps(result)}")
             runs.append(result)
         return best_of(runs)
@@ -799,17 +802,14 @@ def main(argv: list[str] | None = None) -> int:
     def warm_up(r: int) -> int | None:
         # A broker (a JVM) compiles its produce, fetch and transaction paths in its first
         # minutes, on the cores the job runs on: without this the first phase measured that.
-        prefix = f"bench.{run_id}.warmup{r}"
         log(f"warm-up run {r + 1}/{args.warmup} (not counted)")
         try:
-            create_topics(brokers, [f"{prefix}.{s}" for s in STREAMS], args.partitions)
-            job = ours_job(f"warmup{r}", brokers, topic_in, prefix, 1)
-            rate = run_job(job, brokers, len(lines), logs)["events_per_s"]
+            result = run_fresh(f"warmup{r}", lambda n, p: ours_job(n, brokers, topic_in, p, 1))
         except Exception as exc:  # noqa: BLE001 - the measured runs report their own failure
             log(f"warm-up failed: {exc}")
             return None
-        log(f"  -> {rate:,} events/s")
-        return rate
+        log(f"  -> {result['events_per_s']:,} events/s")
+        return result["events_per_s"]
 
     def one_process(settings: dict[str, str] | None = None):
         """`ours` as one process (under py-spy with --profile), with extra settings."""

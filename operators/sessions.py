@@ -30,8 +30,8 @@ import polars as pl
 import pyarrow as pa
 
 from operators.event_time import END_WATERMARK
-from operators.model import arrow_columns, frame_of_buffers, texts_and_millis
-from operators.sharding import ShardClock, rows_by_shard
+from operators.model import frame_of_buffers
+from operators.sharding import ShardClock, events_by_shard, rows_by_shard
 from operators.snapshot_log import SnapshotLog
 from operators.windows import iso_ms
 
@@ -73,11 +73,9 @@ def session_partials(events: pl.DataFrame, gap_ms: int, shards: int) -> dict[int
     (compiled) or segments (`python_session_partials`)."""
     if compiled is None:
         return python_session_partials(events, gap_ms, shards)
-    columns = texts_and_millis(events, ("session_id", "tenant", "user_id"))
-    if columns.height == 0:
-        return {}
-    _arrays, buffers = arrow_columns(columns, string_views=True)  # alive until read
-    return dict(compiled.session_events(columns.height, buffers, shards))
+    return events_by_shard(
+        compiled.session_events, events, ("session_id", "tenant", "user_id"), shards
+    )
 
 
 def python_session_partials(

@@ -9,12 +9,14 @@ processes and versions, so a recovery store stays valid after an upgrade.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import polars as pl
 
 from operators.event_time import NO_WATERMARK
+from operators.model import arrow_columns, texts_and_millis
 
 
 def shard_key(shard: int) -> str:
@@ -37,6 +39,21 @@ def rows_by_shard(frame: pl.DataFrame, keys: pl.Series, shards: int) -> dict[int
         else:
             rows.append(row)
     return by_shard
+
+
+def events_by_shard(
+    split: Callable[[int, list, int], list[tuple[int, Any]]],
+    events: pl.DataFrame,
+    names: tuple[str, ...],
+    shards: int,
+) -> dict[int, Any]:
+    """The compiled counterpart of `rows_by_shard`: `split` (`session_events`, `window_events`)
+    of the text columns `names` and the event time, as `ShardEvents` by shard."""
+    columns = texts_and_millis(events, names)
+    if columns.height == 0:
+        return {}
+    _arrays, buffers = arrow_columns(columns, string_views=True)  # alive until read
+    return dict(split(columns.height, buffers, shards))
 
 
 @dataclass(slots=True)

@@ -33,8 +33,7 @@ from typing import Any, ClassVar
 import polars as pl
 
 from operators.event_time import END_WATERMARK
-from operators.model import arrow_columns, texts_and_millis
-from operators.sharding import ShardClock, rows_by_shard
+from operators.sharding import ShardClock, events_by_shard, rows_by_shard
 from operators.snapshot_log import SnapshotLog
 
 try:  # the compiled table (native/, built by `make install`)
@@ -83,11 +82,7 @@ def window_partials(events: pl.DataFrame, shards: int) -> dict[int, Any]:
     table takes it: `ShardEvents` (compiled) or partial rows (`python_window_partials`)."""
     if compiled is None:
         return python_window_partials(events, shards)
-    columns = texts_and_millis(events, ("tenant", "type", "user_id"))
-    if columns.height == 0:
-        return {}
-    _arrays, buffers = arrow_columns(columns, string_views=True)  # alive until read
-    return dict(compiled.window_events(columns.height, buffers, shards))
+    return events_by_shard(compiled.window_events, events, ("tenant", "type", "user_id"), shards)
 
 
 def python_window_partials(events: pl.DataFrame, shards: int) -> dict[int, list[tuple]]:
