@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, states in (("windows", windows), ("sessions", sessions)):
         totals: dict[str, int] = {}
         for state in states:
-            for key, value in state.log.stats().items():
+            for key, value in state.snapshot_stats().items():
                 totals[key] = totals.get(key, 0) + value
         print(f"{name} snapshot logs: {totals}")
     return 0

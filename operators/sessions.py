@@ -32,7 +32,7 @@ import pyarrow as pa
 from operators.event_time import END_WATERMARK
 from operators.model import frame_of_buffers
 from operators.sharding import ShardClock, events_by_shard, rows_by_shard
-from operators.snapshot_log import SnapshotLog
+from operators.snapshot_log import SnapshotLog, load_chunk
 from operators.windows import iso_ms
 
 try:  # the compiled table (native/, built by `make install`)
@@ -130,10 +130,6 @@ class Session:
     dirty: bool = True  # changed since it was last emitted
 
 
-def _encode_groups(session_ids: list[str], table: Any) -> dict:
-    return table.encode(session_ids)
-
-
 def _decode_groups(chunk: dict) -> tuple[list[str], list[list[SegmentTuple]]]:
     """The session ids of a chunk and their segments; chunks of either table."""
     if chunk.get("layout") == "packed":  # written by the compiled table
@@ -173,7 +169,7 @@ def _unpack_texts(data: bytes, lengths: bytes) -> list[str | None]:
 
 
 def _new_log() -> SnapshotLog:
-    return SnapshotLog(_encode_groups, _decode_groups)
+    return SnapshotLog(lambda session_ids, table: table.encode(session_ids), _decode_groups)
 
 
 def _new_table(gap_ms: int, retention_ms: int) -> Any:
@@ -190,7 +186,6 @@ class SessionState:
     horizon_ms: int = -(2**62)
     dropped_events: int = 0
     table: Any = field(init=False, repr=False, compare=False)
-    log: SnapshotLog = field(default_factory=_new_log, repr=False, compare=False)
 
     state_kind: ClassVar[str] = "open_sessions"
 
@@ -201,42 +196,38 @@ class SessionState:
         """Session ids held: sessions still open and closed ones kept for late corrections."""
         return len(self.table)
 
+    def snapshot_stats(self) -> dict[str, int]:
+        """The table's snapshot chunks (see `SnapshotLog.stats`)."""
+        return dict(self.table.snapshot_stats())
+
     def __getstate__(self) -> dict:
-        # Snapshots happen every epoch: the sessions are sealed into chunks (see `SnapshotLog`), of
-        # which only the one with the sessions changed since the last snapshot is pickled anew. The
-        # deadlines are left out: the table derives them from the sessions.
-        self.log.changed.update(self.table.take_changed())
+        # Snapshots happen every epoch: the table seals its sessions into chunks (see
+        # `SnapshotLog`), of which only the one with the sessions changed since the last
+        # snapshot is pickled anew. The deadlines are left out: the table derives them.
         return {
             "gap_ms": self.gap_ms,
             "retention_ms": self.retention_ms,
             "clock": self.clock,
             "horizon_ms": self.horizon_ms,
             "dropped_events": self.dropped_events,
-            "chunks": self.log.seal(self.table),
+            "chunks": self.table.seal(),
         }
 
     def __setstate__(self, state: dict) -> None:
-        self.log = _new_log()
-        if "chunks" not in state and "segments" not in state:
-            # written before the columnar form: the attributes as such, sessions as objects
-            groups = {sid: [astuple(s) for s in g] for sid, g in state["sessions"].items()}
-            state = {k: v for k, v in state.items() if k not in ("sessions", "deadlines")}
-            self.__dict__.update(state)
-            self.log.changed.update(groups)
-        else:
-            self.gap_ms = state["gap_ms"]
-            self.retention_ms = state["retention_ms"]
-            self.clock = state["clock"]
-            self.horizon_ms = state["horizon_ms"]
-            self.dropped_events = state["dropped_events"]
-            # A deleted session can have an earlier version in an older chunk; deletion comes
-            # with expiry, so that version has expired too.
-            horizon, gap = self.horizon_ms, self.gap_ms
-            groups = self.log.restore(
-                state, lambda _, group: any(s[_END] + gap > horizon for s in group)
-            )
+        attributes = ("gap_ms", "retention_ms", "clock", "horizon_ms", "dropped_events")
+        self.__dict__.update((name, state[name]) for name in attributes if name in state)
         self.table = _new_table(self.gap_ms, self.retention_ms)
-        self.table.load(list(groups.items()))
+        if "chunks" in state:
+            decoded = [(data, *_decode_groups(load_chunk(data))) for data in state["chunks"]]
+            self.table.restore(decoded, self.horizon_ms)
+            return
+        # Written before the chunks, as lists of columns or earlier as objects (with their
+        # deadlines): the next snapshot writes every session anew.
+        if "segments" in state:
+            groups = zip(*_decode_groups(state), strict=True)
+        else:
+            groups = ((sid, [astuple(s) for s in g]) for sid, g in state["sessions"].items())
+        self.table.load(list(groups))
 
     def apply(self, partition: str, watermark_ms: int, partials: Any) -> pl.DataFrame:
         return self.apply_all([(partition, watermark_ms, partials)])
@@ -277,7 +268,8 @@ class SessionTable:
         self.retention_ms = retention_ms
         self.sessions: dict[str, list[Session]] = {}
         self.deadlines: list[tuple[int, str]] = []
-        self._changed: set[str] = set()
+        self._changed: set[str] = set()  # written or deleted since the last seal
+        self._log = _new_log()
 
     def __len__(self) -> int:
         return len(self.sessions)
@@ -285,10 +277,36 @@ class SessionTable:
     def __contains__(self, session_id: str) -> bool:
         return session_id in self.sessions
 
-    def take_changed(self) -> set[str]:
-        """The session ids written or deleted since the last call."""
+    def seal(self) -> list[bytes]:
+        """The table's snapshot as chunks (see `SnapshotLog`): those kept, then one with the
+        sessions changed since the last seal."""
         changed, self._changed = self._changed, set()
-        return changed
+        self._log.changed.update(changed)
+        return self._log.seal(self)
+
+    def restore(self, chunks: list[tuple[bytes, list, list]], horizon: int) -> None:
+        """Load a snapshot's chunks, oldest first, each with its session ids and their segments
+        (`_decode_groups`): a later chunk's version of a session id replaces an earlier one's.
+        Ids whose every segment closed by `horizon` are left out (they expired; a deletion leaves
+        no tombstone, so an older chunk may still hold them)."""
+        gap = self.gap_ms
+        self._log = _new_log()
+        groups = self._log.load_decoded(
+            chunks, lambda _, group: any(s[_END] + gap > horizon for s in group)
+        )
+        self._load(groups.items())
+        self._changed = set()
+
+    def load(self, entries: list[tuple[str, list[SegmentTuple]]]) -> None:
+        """Replace the sessions by `entries`, all of which the next seal writes (a snapshot from
+        before the chunks); one deadline entry per id (see `_next_due`)."""
+        self._log = _new_log()
+        self._load(entries)
+        self._changed = set(self.sessions)
+
+    def snapshot_stats(self) -> dict[str, int]:
+        """Chunks held, their bytes, entries written into them and entries still live."""
+        return self._log.stats()
 
     def encode(self, session_ids: list[str]) -> dict:
         """The sessions of `session_ids` as a snapshot chunk: a few long lists pickle several
@@ -301,8 +319,7 @@ class SessionTable:
             "segments": {name: list(map(attrgetter(name), segments)) for name in Session.__slots__},
         }
 
-    def load(self, entries: list[tuple[str, list[SegmentTuple]]]) -> None:
-        """Replace the sessions by `entries`; one deadline entry per id (see `_next_due`)."""
+    def _load(self, entries) -> None:
         self.sessions = {sid: [Session(*s) for s in group] for sid, group in entries if group}
         gap, retention = self.gap_ms, self.retention_ms
         self.deadlines = [

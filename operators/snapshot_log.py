@@ -109,11 +109,16 @@ class SnapshotLog:
     def load(self, chunks: list[bytes], keep: Callable[[Hashable, Any], bool]) -> dict:
         """The state's entries from a snapshot's chunks (later versions win), without those
         `keep(key, value)` rejects; the chunks are taken over as they are."""
+        return self.load_decoded([(data, *self._decode(load_chunk(data))) for data in chunks], keep)
+
+    def load_decoded(
+        self, chunks: list[tuple[bytes, list, list]], keep: Callable[[Hashable, Any], bool]
+    ) -> dict:
+        """`load` of chunks already decoded: (the chunk, its keys, their values) each."""
         entries: dict = {}
         home = self._home
         self._chunks = []
-        for data in chunks:
-            keys, values = self._decode(_PlainUnpickler(io.BytesIO(data)).load())
+        for data, keys, values in chunks:
             chunk = _Chunk(data, keys, 0)
             self._chunks.append(chunk)
             for key, value in zip(keys, values, strict=True):
@@ -125,3 +130,8 @@ class SnapshotLog:
         for chunk in home.values():
             chunk.live += 1
         return entries
+
+
+def load_chunk(data: bytes) -> Any:
+    """What a chunk holds (builtin containers and scalars only: anything else is refused)."""
+    return _PlainUnpickler(io.BytesIO(data)).load()

@@ -360,6 +360,10 @@ class WindowState:
     def users_held(self) -> int:
         return self.table.users_held()
 
+    def snapshot_stats(self) -> dict[str, int]:
+        """Its snapshot chunks (see `SnapshotLog.stats`)."""
+        return self.log.stats()
+
     def __getstate__(self) -> dict:
         # Snapshots happen every epoch: the cells are sealed into chunks (see `SnapshotLog`), of
         # which only the one with the cells changed since the last snapshot is pickled anew. The

@@ -15,6 +15,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyTuple};
 use rustc_hash::{FxHashMap, FxHashSet};
 
+use crate::chunk_log::ChunkLog;
 use crate::columns::Column;
 use crate::encode::{iso_millis, ColumnSpec};
 use crate::shard_events::{split, Columns, ShardEvents, Texts};
@@ -49,6 +50,8 @@ struct Segment {
 }
 
 type Tuple = (String, Option<String>, i64, i64, i64, i64, bool);
+/// A snapshot chunk as `restore` takes it: its bytes, its session ids and their segments.
+type DecodedChunk = (Py<PyBytes>, Vec<String>, Vec<Vec<Tuple>>);
 
 impl Segment {
     fn new(tenant: Arc<str>, user_id: Option<&str>, start: i64, end: i64, count: i64) -> Self {
@@ -141,8 +144,9 @@ pub struct SessionTable {
     sessions: FxHashMap<Arc<str>, Vec<Segment>>,
     // (when, session id): due no later than the id's next close or expiry; may be early.
     deadlines: BinaryHeap<Reverse<(i64, Arc<str>)>>,
-    changed: FxHashSet<Arc<str>>,
+    changed: FxHashSet<Arc<str>>, // written or deleted since the last seal
     tenants: FxHashSet<Arc<str>>,
+    log: ChunkLog<Arc<str>>,
 }
 
 impl SessionTable {
@@ -165,6 +169,36 @@ impl SessionTable {
             }
         };
         group.iter().map(due).min().expect("a group is never empty")
+    }
+
+    fn segments(&mut self, group: Vec<Tuple>) -> Vec<Segment> {
+        (group.into_iter())
+            .map(
+                |(tenant, user_id, start, end, count, revision, dirty)| Segment {
+                    tenant: self.intern_tenant(&tenant),
+                    user_id: user_id.map(Box::from),
+                    start,
+                    end,
+                    count,
+                    revision,
+                    dirty,
+                },
+            )
+            .collect()
+    }
+
+    fn clear(&mut self) {
+        self.sessions.clear();
+        self.deadlines.clear();
+        self.changed.clear();
+        self.log = ChunkLog::default();
+    }
+
+    fn derive_deadlines(&mut self) {
+        let deadlines = (self.sessions.iter())
+            .map(|(id, group)| Reverse((self.next_due(group), id.clone())))
+            .collect();
+        self.deadlines = deadlines;
     }
 
     fn absorb_segment(
@@ -276,6 +310,7 @@ impl SessionTable {
             deadlines: BinaryHeap::new(),
             changed: FxHashSet::default(),
             tenants: FxHashSet::default(),
+            log: ChunkLog::default(),
         }
     }
 
@@ -372,89 +407,72 @@ impl SessionTable {
         self.sessions.contains_key(session_id)
     }
 
-    /// The session ids written or deleted since the last call.
-    fn take_changed(&mut self) -> Vec<String> {
-        self.changed.drain().map(|key| key.to_string()).collect()
+    /// The table's snapshot as chunks (see `ChunkLog`): those kept, then one with the sessions
+    /// changed since the last seal.
+    fn seal(&mut self, py: Python<'_>) -> PyResult<Vec<Py<PyBytes>>> {
+        let changed: Vec<Arc<str>> = self.changed.drain().collect();
+        let sessions = &self.sessions;
+        self.log.seal(
+            py,
+            changed,
+            |id| sessions.contains_key(id),
+            |ids| encode_chunk(py, sessions, ids),
+        )
     }
 
-    /// The sessions of `session_ids` as a snapshot chunk in the packed layout: little-endian
-    /// columns as bytes (see `_decode_groups` in `operators/sessions.py`), pickled at once.
-    fn encode<'py>(
-        &self,
-        py: Python<'py>,
-        session_ids: Vec<String>,
-    ) -> PyResult<Bound<'py, PyDict>> {
-        let mut ids = Texts::default();
-        let mut tenants = Texts::default();
-        let mut user_ids = Texts::default();
-        let (mut per_id, mut dirty) = (Vec::new(), Vec::new());
-        let [mut start, mut end, mut count, mut revision] = [(); 4].map(|_| Vec::new());
-        for id in &session_ids {
-            let group = self
-                .sessions
-                .get(id.as_str())
-                .ok_or_else(|| PyValueError::new_err(format!("no session {id}")))?;
-            ids.push(Some(id));
-            per_id.extend_from_slice(&(group.len() as u32).to_le_bytes());
-            for s in group {
-                tenants.push(Some(&s.tenant));
-                user_ids.push(s.user_id.as_deref());
-                start.extend_from_slice(&s.start.to_le_bytes());
-                end.extend_from_slice(&s.end.to_le_bytes());
-                count.extend_from_slice(&s.count.to_le_bytes());
-                revision.extend_from_slice(&s.revision.to_le_bytes());
-                dirty.push(s.dirty as u8);
+    /// Load a snapshot's chunks, oldest first, each with its session ids and their segments
+    /// (`_decode_groups` in `operators/sessions.py`): a later chunk's version of a session id
+    /// replaces an earlier one's. Ids whose every segment closed by `horizon` are left out (they
+    /// expired; a deletion leaves no tombstone, so an older chunk may still hold them).
+    fn restore(&mut self, chunks: Vec<DecodedChunk>, horizon: i64) -> PyResult<()> {
+        self.clear();
+        for (data, session_ids, groups) in chunks {
+            if session_ids.len() != groups.len() {
+                return Err(PyValueError::new_err(format!(
+                    "a chunk of {} session ids with {} groups",
+                    session_ids.len(),
+                    groups.len()
+                )));
             }
+            let keys: Vec<Arc<str>> = session_ids.into_iter().map(Arc::from).collect();
+            for (key, group) in keys.iter().zip(groups) {
+                let group = self.segments(group);
+                self.sessions.insert(key.clone(), group);
+            }
+            self.log.restore_chunk(data, keys);
         }
-        let chunk = PyDict::new(py);
-        chunk.set_item("layout", "packed")?;
-        for (name, column) in [
-            ("session_id_lengths", ids.lengths()),
-            ("session_ids", ids.data.into_bytes()),
-            ("segments_per_id", per_id),
-            ("tenant_lengths", tenants.lengths()),
-            ("tenants", tenants.data.into_bytes()),
-            ("user_id_lengths", user_ids.lengths()),
-            ("user_ids", user_ids.data.into_bytes()),
-            ("start", start),
-            ("end", end),
-            ("count", count),
-            ("revision", revision),
-            ("dirty", dirty),
-        ] {
-            chunk.set_item(name, PyBytes::new(py, &column))?;
+        let gap = self.gap;
+        let expired: Vec<Arc<str>> = (self.sessions.iter())
+            .filter(|(_, group)| !group.iter().any(|s| s.end + gap > horizon))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &expired {
+            self.sessions.remove(id);
         }
-        Ok(chunk)
+        self.log.finish_restore(&expired);
+        self.derive_deadlines();
+        Ok(())
     }
 
     /// Replace the sessions by `entries` (session id, its segments as tuples of
-    /// (tenant, user_id, start, end, count, revision, dirty)); deadlines are derived, one per id.
+    /// (tenant, user_id, start, end, count, revision, dirty)), all of which the next seal writes
+    /// (a snapshot from before the chunks); deadlines are derived, one per id.
     fn load(&mut self, entries: Vec<(String, Vec<Tuple>)>) {
-        self.sessions.clear();
-        self.deadlines.clear();
+        self.clear();
         for (session_id, group) in entries {
-            let group: Vec<Segment> = group
-                .into_iter()
-                .map(
-                    |(tenant, user_id, start, end, count, revision, dirty)| Segment {
-                        tenant: self.intern_tenant(&tenant),
-                        user_id: user_id.map(Box::from),
-                        start,
-                        end,
-                        count,
-                        revision,
-                        dirty,
-                    },
-                )
-                .collect();
             if group.is_empty() {
                 continue;
             }
-            let key: Arc<str> = Arc::from(session_id);
-            self.deadlines
-                .push(Reverse((self.next_due(&group), key.clone())));
-            self.sessions.insert(key, group);
+            let group = self.segments(group);
+            self.sessions.insert(Arc::from(session_id), group);
         }
+        self.changed.extend(self.sessions.keys().cloned());
+        self.derive_deadlines();
+    }
+
+    /// Chunks held, their bytes, entries written into them and entries still live.
+    fn snapshot_stats(&self, py: Python<'_>) -> Vec<(&'static str, usize)> {
+        self.log.stats(py).to_vec()
     }
 
     /// Every session id with its segments as `load` takes them.
@@ -473,4 +491,52 @@ impl SessionTable {
             .map(|Reverse((when, id))| (*when, id.to_string()))
             .collect()
     }
+}
+
+/// The sessions of `session_ids` as a snapshot chunk in the packed layout: little-endian columns
+/// as bytes (see `_decode_groups` in `operators/sessions.py`), pickled at once.
+fn encode_chunk<'py>(
+    py: Python<'py>,
+    sessions: &FxHashMap<Arc<str>, Vec<Segment>>,
+    session_ids: &[Arc<str>],
+) -> PyResult<Bound<'py, PyDict>> {
+    let mut ids = Texts::default();
+    let mut tenants = Texts::default();
+    let mut user_ids = Texts::default();
+    let (mut per_id, mut dirty) = (Vec::new(), Vec::new());
+    let [mut start, mut end, mut count, mut revision] = [(); 4].map(|_| Vec::new());
+    for id in session_ids {
+        let group =
+            (sessions.get(id)).ok_or_else(|| PyValueError::new_err(format!("no session {id}")))?;
+        ids.push(Some(id));
+        per_id.extend_from_slice(&(group.len() as u32).to_le_bytes());
+        for s in group {
+            tenants.push(Some(&s.tenant));
+            user_ids.push(s.user_id.as_deref());
+            start.extend_from_slice(&s.start.to_le_bytes());
+            end.extend_from_slice(&s.end.to_le_bytes());
+            count.extend_from_slice(&s.count.to_le_bytes());
+            revision.extend_from_slice(&s.revision.to_le_bytes());
+            dirty.push(s.dirty as u8);
+        }
+    }
+    let chunk = PyDict::new(py);
+    chunk.set_item("layout", "packed")?;
+    for (name, column) in [
+        ("session_id_lengths", ids.lengths()),
+        ("session_ids", ids.data.into_bytes()),
+        ("segments_per_id", per_id),
+        ("tenant_lengths", tenants.lengths()),
+        ("tenants", tenants.data.into_bytes()),
+        ("user_id_lengths", user_ids.lengths()),
+        ("user_ids", user_ids.data.into_bytes()),
+        ("start", start),
+        ("end", end),
+        ("count", count),
+        ("revision", revision),
+        ("dirty", dirty),
+    ] {
+        chunk.set_item(name, PyBytes::new(py, &column))?;
+    }
+    Ok(chunk)
 }

@@ -166,6 +166,29 @@ def test_a_pickled_state_keeps_every_segment_and_derives_its_deadlines():
 
 
 @both_tables
+def test_a_table_seals_only_what_changed_and_restores_its_chunks_as_they_are():
+    state = SessionState(gap_ms=GAP * 1000, retention_ms=86_400_000)
+    state.apply("p0", T0 * 1000, partials([(f"s{i}", T0 + i, "u") for i in range(8)]))
+    first = state.table.seal()
+    assert state.table.seal() == first  # nothing changed: the same chunks, nothing new
+    state.apply("p0", T0 * 1000, partials([("s0", T0 + 9, "u")]))
+    second = state.table.seal()
+    assert second[: len(first)] == first and len(second) == len(first) + 1
+    assert state.snapshot_stats() == {
+        "chunks": 2,
+        "bytes": sum(map(len, second)),
+        "entries": 9,  # s0 twice: its first version is dead in the first chunk
+        "live": 8,
+    }
+
+    restored = pickle.loads(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
+
+    assert sorted(restored.table.groups()) == sorted(state.table.groups())
+    assert restored.snapshot_stats() == state.snapshot_stats()
+    assert restored.table.seal() == second  # taken over as they were
+
+
+@both_tables
 def test_every_segment_of_a_restored_session_id_expires_on_time():
     # Two closed sessions under one id: restored, the id has one deadline entry (the earlier
     # expiry); the later session must still be freed at its own expiry, not linger.
