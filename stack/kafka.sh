@@ -85,7 +85,12 @@ start() {
         rm -rf "$DIR/data"
         write_config
         local cluster_id
-        cluster_id=$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=')
+        # 16 random bytes, base64url as Kafka writes a UUID; one starting with '-' would be read
+        # as an option (Kafka's own generator skips those too)
+        cluster_id=-
+        while [[ $cluster_id == -* ]]; do
+            cluster_id=$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=')
+        done
         "$JAVA" -Dlog4j2.configurationFile="$STACK_DIR/kafka/tools-log4j2.properties" -cp "$cp" \
             kafka.tools.StorageTool format -t "$cluster_id" -c "$DIR/server.properties" --standalone \
             >"$LOGS/kafka-format.log" 2>&1 || {
