@@ -27,7 +27,8 @@ Phases (each on fresh topics and consumer groups named `bench.<run id>.*`):
    `--latency-s` seconds events generated for it whose event time starts when they are sent;
    end-to-sink latency = the Kafka timestamp of every 2nd `enriched` output record of the
    topic's first two partitions (one in 8 with 8 partitions) − its `ingested_at` (= the input
-   record's Kafka timestamp); also the time it became visible to a read_committed consumer. The job is stopped with SIGINT afterwards.
+   record's Kafka timestamp); also the time it became visible to a read_committed consumer.
+   The job is stopped with SIGINT afterwards.
 
 The last line printed is
 `BENCH events_per_s=<n> p95_ms=<n> rss_mb=<n> naive_ratio=<x> quix_ratio=<x>`.

@@ -198,7 +198,7 @@ class SessionState:
 
     def snapshot_stats(self) -> dict[str, int]:
         """The table's snapshot chunks (see `SnapshotLog.stats`)."""
-        return dict(self.table.snapshot_stats())
+        return self.table.snapshot_stats()
 
     def __getstate__(self) -> dict:
         # Snapshots happen every epoch: the table seals its sessions into chunks (see

@@ -471,8 +471,8 @@ impl SessionTable {
     }
 
     /// Chunks held, their bytes, entries written into them and entries still live.
-    fn snapshot_stats(&self, py: Python<'_>) -> Vec<(&'static str, usize)> {
-        self.log.stats(py).to_vec()
+    fn snapshot_stats(&self, py: Python<'_>) -> FxHashMap<&'static str, usize> {
+        self.log.stats(py).into_iter().collect()
     }
 
     /// Every session id with its segments as `load` takes them.
